@@ -1,0 +1,190 @@
+"""Typed schema of ``params.yaml``.
+
+Every stage reads its section through :func:`load_params`, so a typo or a wrong type
+fails at once with the key's dotted name instead of an hour into training::
+
+    >>> params = load_params("params.yaml")
+    >>> params.train.teacher.lr
+    5e-05
+
+Unknown keys are errors (``extra="forbid"``); values that cannot be read as the field's
+type are errors (``lr: 1e-4``, which YAML 1.1 reads as a string, is still accepted as a
+float). Project choices (METHOD.md "project choice") are
+documented next to their fields and in params.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml does not match the schema; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticConfig(_Section):
+    """Sizes of the embedded procedural dataset (``data.source: synthetic``)."""
+
+    image_size: int = Field(128, ge=32, description="side of every generated image, px")
+    matte: int = Field(48, ge=1, description="foregrounds with exact alpha (D_m)")
+    background: int = Field(48, ge=1, description="backgrounds without people")
+    seg: int = Field(240, ge=1, description="natural scenes with coarse person masks (D_s)")
+    val_natural: int = Field(16, ge=1, description="natural scenes with exact alpha (validation)")
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "folders"] = "synthetic"
+    matte_dir: str | None = None
+    background_dir: str | None = None
+    seg_dir: str | None = None
+    val: dict[str, str] = Field(default_factory=dict)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _folders_need_paths(self) -> "DataConfig":
+        if self.source == "folders":
+            missing = [k for k in ("matte_dir", "background_dir", "seg_dir") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    "data.source is 'folders' but " + ", ".join(f"data.{k}" for k in missing)
+                    + " is not set; point it at your dataset folder (see README 'Data layouts')"
+                )
+        return self
+
+
+class ShardConfig(_Section):
+    samples_per_shard: int = Field(64, ge=1)
+    subset_seed: int = Field(0, description="seed of the per-set permutation behind nested subsets")
+
+
+class CompositeConfig(_Section):
+    backgrounds_per_fg: int = Field(4, ge=1, description="DIM: each foreground over N backgrounds")
+    two_instance_ratio: float = Field(
+        0.2, ge=0.0, le=1.0, description="extra MGM-in-the-wild samples with two foregrounds, per fg sample"
+    )
+    background_scale: tuple[float, float] = (1.0, 1.5)
+    val_composited: bool = Field(True, description="build a Distinctions-646-style composited val set")
+    val_backgrounds_per_fg: int = Field(5, ge=1)
+    val_foregrounds: int = Field(8, ge=0, description="foregrounds held out for the composited val set")
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    network: str = Field("unet_r18x0.5", description="name in matting_core.models.NETWORKS")
+
+
+class StepConfig(_Section):
+    """Hyper-parameters of one training step (pretrain / teacher / student)."""
+
+    iters: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(8, ge=1)
+    crop: int = Field(96, ge=32, description="training crop side, px (multi-scale crops around it)")
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class TeacherConfig(StepConfig):
+    lambda_boundary: float = Field(0.01, ge=0, description="λ of BCE(b', b); paper found 0.1/0.01/0.001 within 1%")
+
+
+class BlendConfig(_Section):
+    mode: Literal["soft", "hard"] = Field("soft", description="project choice: β soft by default")
+    dilate: int = Field(0, ge=0, description="dilation of the hard β, px (hard mode only)")
+
+
+class StudentConfig(StepConfig):
+    lambda_boundary: float = Field(0.01, ge=0)
+    label_mode: Literal["offline", "ema"] = "offline"
+    ema_momentum: float = Field(0.999, gt=0, lt=1, description="project choice m for online EMA mode")
+    blend: BlendConfig = BlendConfig()
+    network: str | None = Field(None, description="student network; None = model.network")
+
+
+class TrainConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    pretrain: StepConfig = StepConfig(iters=150, lr=1e-4)
+    teacher: TeacherConfig = TeacherConfig(iters=150, lr=5e-5)
+    student: StudentConfig = StudentConfig(iters=150, lr=5e-5)
+
+
+class PseudolabelConfig(_Section):
+    num_actors: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; None = all")
+    gpus_per_actor: float = Field(1.0, ge=0, description="used only when the cluster has GPUs")
+    seed: int = 0
+
+
+class EvaluateConfig(_Section):
+    short_side: int = Field(512, ge=32, description="test-time resize of the shorter side")
+    save_predictions: int = Field(4, ge=0, description="prediction images saved per val set")
+    fps_size: int = Field(512, ge=32)
+    fps_iters: int = Field(5, ge=1)
+
+
+class StudyConfig(_Section):
+    experiment: str = "matting-label-efficiency"
+    seg: list[int] = Field(default_factory=lambda: [0, 60, 240])
+    mat: list[int] = Field(default_factory=lambda: [0, 8, 32])
+
+    @field_validator("seg", "mat")
+    @classmethod
+    def _sorted_unique(cls, v: list[int]) -> list[int]:
+        if any(x < 0 for x in v) or sorted(set(v)) != v:
+            raise ValueError("budgets must be non-negative, unique and ascending")
+        return v
+
+
+class Params(_Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    shard: ShardConfig = ShardConfig()
+    composite: CompositeConfig = CompositeConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    pseudolabel: PseudolabelConfig = PseudolabelConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    study: StudyConfig = StudyConfig()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid key(s):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?); see stages/config.py for the valid keys"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict | None, source: str = "params") -> Params:
+    """Validate an already-loaded mapping; raises ConfigError naming every bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml. A missing file is an error naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run from the repository root or pass --params")
+    with path.open(encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return parse_params(raw, str(path))

@@ -1,0 +1,56 @@
+"""params.yaml schema: typos and bad types fail at load with the key's name."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import ConfigError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_yaml_is_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.train.teacher.lambda_boundary == 0.01
+    assert params.study.seg[0] == 0 and params.study.mat[0] == 0
+    assert params.composite.background_scale == (1.0, 1.5)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"train\.teacher\.lamda_boundary: unknown key"):
+        parse_params({"train": {"teacher": {"iters": 5, "lr": 1e-4, "lamda_boundary": 0.1}}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"train\.pretrain\.iters"):
+        parse_params({"train": {"pretrain": {"iters": "many", "lr": 1e-4}}})
+
+
+def test_yaml_exponent_without_dot_still_reads_as_float(tmp_path):
+    # YAML 1.1 reads `1e-4` as a string; users write it anyway.
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  teacher:\n    iters: 3\n    lr: 1e-4\n")
+    assert load_params(path).train.teacher.lr == pytest.approx(1e-4)
+
+
+def test_folders_source_requires_paths():
+    with pytest.raises(ConfigError, match=r"data\.seg_dir"):
+        parse_params({"data": {"source": "folders", "matte_dir": "a", "background_dir": "b"}})
+
+
+def test_budgets_must_ascend():
+    with pytest.raises(ConfigError, match=r"study\.mat"):
+        parse_params({"study": {"mat": [50, 0]}})
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_non_mapping_top_level(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(path)
