@@ -1,0 +1,54 @@
+"""Atomic outputs: a failure mid-write leaves the old content, never a torn file."""
+
+import json
+
+import pytest
+
+from stages import atomic
+
+
+def test_write_json_replaces_whole_file(tmp_path):
+    path = tmp_path / "sub" / "out.json"
+    atomic.write_json(path, {"a": 1})
+    atomic.write_json(path, {"b": 2})
+    assert json.loads(path.read_text()) == {"b": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+
+
+def test_atomic_file_failure_keeps_old_content(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_file(path) as fh:
+            fh.write(b"new-but-incomplete")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_atomic_dir_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "set"
+    with pytest.raises(KeyError):
+        with atomic.atomic_dir(target) as tmp:
+            (tmp / "a.tar").write_bytes(b"x")
+            raise KeyError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_existing_and_cleans_stale(tmp_path):
+    target = tmp_path / "set"
+    target.mkdir()
+    (target / "old.tar").write_bytes(b"old")
+    stale = tmp_path / ".set.abc.tmp"
+    stale.mkdir()
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "new.tar").write_bytes(b"new")
+    assert [p.name for p in target.iterdir()] == ["new.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_jsonl_round_trip(tmp_path):
+    rows = [{"set": "seg", "path": "ü b.png", "reason": "truncated"}, {"k": [1, 2]}]
+    path = atomic.write_jsonl(tmp_path / "q.jsonl", rows)
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == rows
