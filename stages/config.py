@@ -135,16 +135,32 @@ class EvaluateConfig(_Section):
 
 
 class StudyConfig(_Section):
+    """The label-budget grid.
+
+    ``seg`` and ``mat`` list the non-zero budgets; the grid adds the 0 budget on each
+    axis, so cells are ({0} ∪ seg) × ({0} ∪ mat) without (0, 0): seg-only cells
+    (S, 0) stop at the pre-trained model, mat-only cells (0, M) train the teacher from
+    scratch, and the other cells run pre-train → teacher → MLB student. The paper's
+    study is seg [2000, 5000, 10000, 20000, 50000] × mat [50, 200, 500, 1000, 2000]
+    (35 cells).
+    """
+
     experiment: str = "matting-label-efficiency"
-    seg: list[int] = Field(default_factory=lambda: [0, 60, 240])
-    mat: list[int] = Field(default_factory=lambda: [0, 8, 32])
+    seg: list[int] = Field(default_factory=lambda: [60, 240])
+    mat: list[int] = Field(default_factory=lambda: [8, 32])
 
     @field_validator("seg", "mat")
     @classmethod
     def _sorted_unique(cls, v: list[int]) -> list[int]:
-        if any(x < 0 for x in v) or sorted(set(v)) != v:
-            raise ValueError("budgets must be non-negative, unique and ascending")
+        if 0 in v:
+            raise ValueError("list only the non-zero budgets: the grid always adds the 0 budget")
+        if any(x < 0 for x in v) or sorted(set(v)) != v or not v:
+            raise ValueError("budgets must be positive, unique, ascending and not empty")
         return v
+
+    def cells(self) -> list[tuple[int, int]]:
+        """Every (seg, mat) cell of the grid, (0, 0) excluded, in row-major order."""
+        return [(s, m) for s in [0, *self.seg] for m in [0, *self.mat] if (s, m) != (0, 0)]
 
 
 class Params(_Section):

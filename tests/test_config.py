@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repo_params_yaml_is_valid():
     params = load_params(REPO / "params.yaml")
     assert params.train.teacher.lambda_boundary == 0.01
-    assert params.study.seg[0] == 0 and params.study.mat[0] == 0
+    assert 0 not in params.study.seg and 0 not in params.study.mat
     assert params.composite.background_scale == (1.0, 1.5)
 
 
@@ -41,7 +41,21 @@ def test_folders_source_requires_paths():
 
 def test_budgets_must_ascend():
     with pytest.raises(ConfigError, match=r"study\.mat"):
-        parse_params({"study": {"mat": [50, 0]}})
+        parse_params({"study": {"mat": [200, 50]}})
+
+
+def test_zero_budget_is_implicit():
+    with pytest.raises(ConfigError, match=r"study\.seg: .*non-zero"):
+        parse_params({"study": {"seg": [0, 2000]}})
+
+
+def test_grid_cells_skip_origin():
+    study = parse_params({"study": {"seg": [2000, 5000], "mat": [50]}}).study
+    assert study.cells() == [(0, 50), (2000, 0), (2000, 50), (5000, 0), (5000, 50)]
+    paper = parse_params(
+        {"study": {"seg": [2000, 5000, 10000, 20000, 50000], "mat": [50, 200, 500, 1000, 2000]}}
+    ).study
+    assert len(paper.cells()) == 35
 
 
 def test_missing_file_names_path(tmp_path):
