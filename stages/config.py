@@ -46,8 +46,24 @@ class DataConfig(_Section):
     matte_dir: str | None = None
     background_dir: str | None = None
     seg_dir: str | None = None
-    val: dict[str, str] = Field(default_factory=dict)
+    val: dict[str, str] = Field(
+        default_factory=dict,
+        description="{name: dir} validation sets; the set is called val-<name> (name: a-z, 0-9, _ or -)",
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("val")
+    @classmethod
+    def _val_names(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        bad = [n for n in v if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", n)]
+        if bad:
+            raise ValueError(
+                f"validation set names {bad} must be lower-case ASCII letters, digits, '_' or '-' "
+                "(they become shard-set names val-<name>)"
+            )
+        return v
 
     @model_validator(mode="after")
     def _folders_need_paths(self) -> "DataConfig":
@@ -71,11 +87,28 @@ class CompositeConfig(_Section):
     two_instance_ratio: float = Field(
         0.2, ge=0.0, le=1.0, description="extra MGM-in-the-wild samples with two foregrounds, per fg sample"
     )
-    background_scale: tuple[float, float] = (1.0, 1.5)
+    background_scale: tuple[float, float] = Field(
+        (1.0, 1.5), description="fit_background: cover scale times U(lo, hi), then a random crop"
+    )
+    two_instance_scale: tuple[float, float] = Field(
+        (0.6, 1.0), description="project choice: the second instance is scaled to fit the canvas times U(lo, hi)"
+    )
     val_composited: bool = Field(True, description="build a Distinctions-646-style composited val set")
     val_backgrounds_per_fg: int = Field(5, ge=1)
-    val_foregrounds: int = Field(8, ge=0, description="foregrounds held out for the composited val set")
+    val_foregrounds: int = Field(
+        8, ge=0, description="last foregrounds of the matte order held out for the composited val set"
+    )
+    val_backgrounds: int = Field(
+        8, ge=0, description="project choice: last backgrounds of their order kept for val only (0 = shared)"
+    )
     seed: int = 0
+
+    @field_validator("background_scale", "two_instance_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0.0 < v[0] <= v[1]):
+            raise ValueError("must be (lo, hi) with 0 < lo <= hi")
+        return v
 
 
 class ModelConfig(_Section):
