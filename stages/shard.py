@@ -1,0 +1,134 @@
+"""Stage ``shard``: pack every ingested set into WebDataset tar shards with nested subsets.
+
+Reads ``<data-root>/ingest/manifest.jsonl`` and params ``shard``; writes one shard set per
+ingested set to ``<data-root>/shards/<set>/`` (``matte``, ``background``, ``seg``,
+``val-<name>``), see docs/FORMATS.md "Shards".
+
+Samples are stored in the set's seeded permutation order (``shards.seeded_order`` with
+``shard.subset_seed``), so ``index["keys"] == index["order"]`` and the nested subset of size
+``n`` (``order[:n]``) lives in the first ``ceil(n / samples_per_shard)`` shards. Each file
+is re-read, checked against its manifest sha256 and decoded exactly as ingest accepted
+it (same conversions); alphas keep their bit depth (8 or 16), masks are stored 0/255.
+
+Members per set: ``matte`` fg + alpha; ``background`` image; ``seg`` image + mask;
+``val-<name>`` image + alpha (+ trimap). The meta is the manifest entry.
+
+Each set is written atomically and skipped when its index already records the same
+inputs (manifest entries, shard params, code version) -- ``--force`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from stages import shards
+from stages.config import ShardConfig, load_params
+from stages.ingest import IngestError, default_workers, load_entry, read_manifest, set_kind
+
+DESCRIPTION = __doc__
+
+_CODE_FILES = ("shard.py", "shards.py", "ingest.py", "imageio.py")
+
+
+def _encode_job(job: tuple[dict, str]) -> dict[str, tuple[str, bytes]]:
+    """Decode one manifest entry's files and encode its shard members."""
+    entry, kind = job
+    arrays = load_entry(entry, kind)
+    members = {"meta": shards.encode_member("meta", entry)}
+    for role, array in arrays.items():
+        members[role] = shards.encode_member(role, array)
+    return members
+
+
+def fingerprint(entries: list[dict], cfg: ShardConfig) -> str:
+    """Digest of what a set's shards depend on: its manifest entries, shard params and code."""
+    h = hashlib.sha256()
+    h.update(json.dumps(entries, sort_keys=True).encode("utf-8"))
+    h.update(json.dumps(cfg.model_dump(), sort_keys=True).encode("utf-8"))
+    here = Path(__file__).parent
+    for name in _CODE_FILES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def shard_set(
+    set_name: str,
+    entries: list[dict],
+    out_dir: Path,
+    cfg: ShardConfig,
+    workers: int = 1,
+    progress: bool = True,
+    force: bool = False,
+) -> tuple[dict, bool]:
+    """Write one set's shards; returns ``(index, written)`` (``written`` False when up to date)."""
+    digest = fingerprint(entries, cfg)
+    if not force:
+        try:
+            index = shards.read_index(out_dir)
+        except shards.ShardError:
+            index = None
+        if index is not None and index.get("fingerprint") == digest:
+            return index, False
+    kind = set_kind(set_name)
+    by_key = {e["key"]: e for e in entries}
+    order = shards.seeded_order(sorted(by_key), cfg.subset_seed, set_name)
+    jobs = [(by_key[k], kind) for k in order]
+    with shards.ShardWriter(out_dir, set_name, cfg.samples_per_shard, cfg.subset_seed, digest) as writer:
+        results = shards.parallel_map(_encode_job, jobs, workers=workers, desc=f"shard {set_name}", progress=progress)
+        for key, members in zip(order, results):
+            writer.add_encoded(key, members)
+        writer.set_order(order)
+    return writer.index, True
+
+
+def shard_all(
+    cfg: ShardConfig, data_root: str | Path = "data", workers: int | None = None, progress: bool = True, force: bool = False
+) -> dict[str, dict]:
+    """Shard every set of the manifest to ``<data_root>/shards/<set>/``; returns set -> index."""
+    workers = default_workers() if workers is None else max(1, int(workers))
+    manifest = read_manifest(data_root)
+    by_set: dict[str, list[dict]] = {}
+    for entry in manifest:
+        by_set.setdefault(entry["set"], []).append(entry)
+    out_root = Path(data_root) / "shards"
+    indexes = {}
+    for set_name, entries in by_set.items():
+        index, written = shard_set(set_name, entries, out_root / set_name, cfg, workers, progress, force)
+        indexes[set_name] = index
+        state = "written" if written else "up to date"
+        print(f"{set_name:<16} {index['count']:>7} samples  {len(index['shards']):>4} shards  ({state})")
+    if out_root.is_dir():  # a set no longer in the manifest must not linger
+        for stale in sorted(out_root.iterdir()):
+            if stale.is_dir() and stale.name not in by_set and (stale / shards.INDEX_NAME).is_file():
+                shutil.rmtree(stale)
+                print(f"{stale.name:<16} removed (not in the manifest any more)")
+    return indexes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--data-root", default="data", help="data folder (default: data/)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs, at most 8)")
+    parser.add_argument("--force", action="store_true", help="rebuild sets that are up to date")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    try:
+        shard_all(params.shard, args.data_root, args.workers, not args.no_progress, args.force)
+    except (IngestError, shards.ShardError) as err:
+        print(f"matting shard: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from stages.cli import run_module
+
+    run_module("shard")
