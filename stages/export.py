@@ -1,0 +1,57 @@
+"""``matting export``: turn a model checkpoint into an ONNX file for deployment.
+
+The ONNX model takes ``image`` float32 (N, 3, H, W) RGB in [0, 1] with dynamic N, H, W and
+returns ``alpha`` (N, 1, H, W) in [0, 1] (the boundary head is dropped). Normalisation and
+padding to a multiple of 32 are inside the graph, so callers feed plain RGB. The network
+spec is stored in the ONNX metadata (``network_spec``, JSON). Unless ``--no-check``, the
+file is run in onnxruntime at two sizes and compared with PyTorch (max abs difference must
+be below ``--tolerance``) before it is written; the write is atomic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stages.cli import run_module
+
+DESCRIPTION = __doc__
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="model checkpoint (.pt) to export")
+    parser.add_argument("--output", required=True, type=Path, help="where to write the .onnx file")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18)")
+    parser.add_argument(
+        "--no-check", dest="check", action="store_false", help="skip the onnxruntime parity check"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="max abs alpha difference allowed by the check (default 1e-4)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from matting_core.checkpoint import load_model
+    from matting_core.models.onnx_export import DEFAULT_OPSET, export_onnx, onnx_parity
+    from stages.atomic import write_bytes
+
+    if not args.checkpoint.is_file():
+        print(f"matting export: checkpoint not found: {args.checkpoint}", file=sys.stderr)
+        return 2
+    model, info = load_model(args.checkpoint)
+    opset = args.opset or DEFAULT_OPSET
+    data = export_onnx(model, opset=opset, metadata={"network_spec": info["network_spec"]})
+    if args.check:
+        diff = onnx_parity(data, model)
+        print(f"onnxruntime vs PyTorch: max abs alpha difference {diff:.3g} (tolerance {args.tolerance:g})")
+        if not diff < args.tolerance:
+            print("matting export: parity check failed; nothing written", file=sys.stderr)
+            return 1
+    write_bytes(args.output, data)
+    print(f"wrote {args.output} ({len(data) / 1e6:.1f} MB, opset {opset}, network {info['network_spec']['name']})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_module("export")
