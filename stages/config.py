@@ -147,6 +147,10 @@ class StudentConfig(StepConfig):
 
 class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA (bfloat16 where supported, else float16)")
+    num_workers: int = Field(
+        2, ge=0, description="DataLoader worker processes decoding shards (0 = in the training process)"
+    )
     pretrain: StepConfig = StepConfig(iters=150, lr=1e-4)
     teacher: TeacherConfig = TeacherConfig(iters=150, lr=5e-5)
     student: StudentConfig = StudentConfig(iters=150, lr=5e-5)
