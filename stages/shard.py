@@ -9,6 +9,8 @@ Samples are stored in the set's seeded permutation order (``shards.seeded_order`
 ``n`` (``order[:n]``) lives in the first ``ceil(n / samples_per_shard)`` shards. Each file
 is re-read, checked against its manifest sha256 and decoded exactly as ingest accepted
 it (same conversions); alphas keep their bit depth (8 or 16), masks are stored 0/255.
+A source PNG that already decodes to exactly the member's content is stored byte for
+byte (no re-encoding); anything else is re-encoded losslessly.
 
 Members per set: ``matte`` fg + alpha; ``background`` image; ``seg`` image + mask;
 ``val-<name>`` image + alpha (+ trimap). The meta is the manifest entry.
@@ -26,6 +28,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from stages import shards
 from stages.config import ShardConfig, load_params
 from stages.ingest import IngestError, default_workers, load_entry, read_manifest, set_kind
@@ -35,13 +39,38 @@ DESCRIPTION = __doc__
 _CODE_FILES = ("shard.py", "shards.py", "ingest.py", "imageio.py")
 
 
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _passthrough(role: str, array, path: str, conversions: list[str]) -> bytes | None:
+    """The source file's own bytes, if it is a PNG that already decodes to the member exactly.
+
+    Unconverted PNG alphas/masks/images are stored as the very file ingest hashed (its
+    sha256 in the manifest then identifies the member too) and need no re-encoding.
+    """
+    if any(c.startswith(f"{role}.") for c in conversions):
+        return None
+    data = Path(path).read_bytes()
+    if not data.startswith(_PNG_MAGIC):
+        return None
+    expected = array.astype(np.uint8) * np.uint8(255) if role == "mask" else array
+    try:
+        stored = shards.decode_png(data)
+    except shards.ShardError:
+        return None
+    if stored.dtype != expected.dtype or not np.array_equal(stored, expected):
+        return None
+    return data
+
+
 def _encode_job(job: tuple[dict, str]) -> dict[str, tuple[str, bytes]]:
     """Decode one manifest entry's files and encode its shard members."""
     entry, kind = job
     arrays = load_entry(entry, kind)
     members = {"meta": shards.encode_member("meta", entry)}
     for role, array in arrays.items():
-        members[role] = shards.encode_member(role, array)
+        same = _passthrough(role, array, entry["paths"][role], entry["conversions"])
+        members[role] = ("png", same) if same is not None else shards.encode_member(role, array)
     return members
 
 

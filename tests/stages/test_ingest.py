@@ -132,6 +132,10 @@ def test_cli_prints_summary_and_shards_round_trip(tmp_path, messy, capsys):
     assert a16.dtype == np.uint16
     assert np.array_equal(samples["ünï côdé"]["alpha"], a16.astype(np.float32) / np.float32(65535))
     assert samples["ünï côdé"]["meta"]["conversions"] == []
+    # an unconverted source PNG is stored byte for byte; the JPEG fg is re-encoded as PNG
+    raw = next(r for r in shards.iter_encoded_samples(data_root / "shards" / "matte") if r["meta"]["stem"] == "ünï côdé")
+    assert raw["members"]["alpha"] == ("png", Path(by_stem["ünï côdé"]["paths"]["alpha"]).read_bytes())
+    assert raw["members"]["fg"][1].startswith(b"\x89PNG")
     seg = {s["meta"]["stem"]: s for s in shards.iter_samples(data_root / "shards" / "seg")}
     assert np.array_equal(seg["s1"]["mask"], disc_mask(24, 32).astype(np.float32))  # 0/1 file
     assert np.array_equal(seg["exif raw"]["mask"], disc_mask(24, 32).astype(np.float32))  # re-oriented
