@@ -292,8 +292,11 @@ def composite_all(
         else:
             todo.append(set_name)
     if todo:
-        fgs = {s["key"]: s["members"] for s in shards.iter_encoded_samples(matte_dir)}
-        bgs = {s["key"]: s["members"]["image"] for s in shards.iter_encoded_samples(bg_dir)}
+        # encoded members of just the foregrounds/backgrounds used (about their size on disk)
+        need_fg = {k for name in todo for job in jobs[name] for k in job["fg_keys"]}
+        need_bg = {job["bg_key"] for name in todo for job in jobs[name]}
+        fgs = {s["key"]: s["members"] for s in shards.iter_encoded_samples(matte_dir, keys=need_fg)}
+        bgs = {s["key"]: s["members"]["image"] for s in shards.iter_encoded_samples(bg_dir, keys=need_bg)}
     for set_name in todo:
         set_jobs = jobs[set_name]
         args = [
