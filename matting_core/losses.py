@@ -15,7 +15,7 @@ Terms
 - ``composition``: mean |c_p − I| over RGB with c_p = α_p·F + (1 − α_p)·B (DIM / MGM), I the
                    image (rebuilt as α_g·F + (1 − α_g)·B when not given).
 - ``laplacian``:   Σ_{i=0..4} 2^i · mean |L_i(α_p) − L_i(α_g)| over a 5-level Laplacian
-                   pyramid (Gaussian 5×5 kernel [1,4,6,4,1]ᵀ[1,4,6,4,1]/256, reflect
+                   pyramid (Gaussian 5×5 kernel [1,4,6,4,1]ᵀ[1,4,6,4,1]/256, replicate
                    borders, level weights 2^i as in MGM's ``lap_loss``); the region weight
                    is subsampled with the pyramid (w[::2^i, ::2^i]).
 - ``boundary_bce``: BCE-with-logits between b' and the boundary label 1[0.05 < α < 0.95].
@@ -136,29 +136,38 @@ def _gaussian_kernel(channels: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def _blur(x: Tensor, kernel: Tensor) -> Tensor:
-    # Reflect (as MGM): it keeps the zero-inserted pattern of the upsampling step intact at
-    # the borders, so a constant offset has an exactly zero band-pass. Reflect needs size > 2;
-    # the tiny coarse levels of small crops fall back to replicate.
-    mode = "reflect" if min(x.shape[-2], x.shape[-1]) > 2 else "replicate"
-    return F.conv2d(F.pad(x, [2, 2, 2, 2], mode=mode), kernel, groups=x.shape[1])
+    return F.conv2d(F.pad(x, [2, 2, 2, 2], mode="replicate"), kernel, groups=x.shape[1])
+
+
+def _upsample(down: Tensor, kernel: Tensor, height: int, width: int) -> Tensor:
+    """Burt–Adelson expand: insert zeros, blur with 4× the kernel, crop to (height, width).
+
+    ``down`` is replicate-padded by one sample *before* the zeros are inserted, and the blur
+    is then unpadded, so the zero/non-zero pattern is intact up to the border: a constant
+    expands to exactly that constant at any size (a padded zero-inserted image would not).
+    """
+    padded = F.pad(down, [1, 1, 1, 1], mode="replicate")
+    n, c, h, w = padded.shape
+    zeros = padded.new_zeros(n, c, 2 * h, 2 * w)
+    zeros[:, :, ::2, ::2] = padded
+    up = F.conv2d(zeros, 4.0 * kernel, groups=c)  # (2h - 4, 2w - 4) = (2·h_down, 2·w_down)
+    return up[:, :, :height, :width]
 
 
 def laplacian_pyramid(x: Tensor, levels: int = LAPLACIAN_LEVELS) -> list[Tensor]:
     """Band-pass levels L_0..L_{levels-1} of a Laplacian pyramid of x (N,C,H,W).
 
-    L_i = G_i − up(down(blur(G_i))), G_0 = x, G_{i+1} = blur(G_i)[::2, ::2]; ``up`` inserts
-    zeros and blurs with 4× the kernel (Burt & Adelson), cropped back to G_i's size so odd
-    sizes work. Linear in x, so L(a) − L(b) = L(a − b).
+    L_i = G_i − expand(G_{i+1}), G_0 = x, G_{i+1} = blur(G_i)[::2, ::2] (replicate borders);
+    ``expand`` inserts zeros and blurs with 4× the kernel (Burt & Adelson), cropped to G_i's
+    size so odd sizes work. Linear in x, so L(a) − L(b) = L(a − b); a constant has all-zero
+    bands.
     """
     kernel = _gaussian_kernel(x.shape[1], x.dtype, x.device)
     pyramid = []
     current = x
     for _ in range(levels):
         down = _blur(current, kernel)[:, :, ::2, ::2]
-        up = down.new_zeros(down.shape[0], down.shape[1], down.shape[2] * 2, down.shape[3] * 2)
-        up[:, :, ::2, ::2] = down
-        up = _blur(up, 4.0 * kernel)[:, :, : current.shape[2], : current.shape[3]]
-        pyramid.append(current - up)
+        pyramid.append(current - _upsample(down, kernel, current.shape[2], current.shape[3]))
         current = down
     return pyramid
 
