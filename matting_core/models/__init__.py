@@ -10,17 +10,18 @@
 (str/int/float/list) that rebuilds the same network; checkpoints store it, and
 ``build_network_from_spec(spec)`` turns it back into a module.
 
-Parameter counts (``count_parameters``; trainable, torch 2.13, default arguments):
+Parameter counts (``count_parameters``; trainable, default arguments; tested). Of unet_r18's
+16.3 M, the encoder holds 11.18 M, the ASPP 4.13 M and decoder + heads 0.99 M:
 
 ================  ===========
 name              parameters
 ================  ===========
-unet_r18x0.25         1.01 M
-unet_r18x0.5          3.70 M
-unet_r18             14.55 M
-unet_r34             24.66 M
-unet_r50             37.12 M
-unet_r101            56.11 M
+unet_r18x0.25         1.02 M
+unet_r18x0.5          4.08 M
+unet_r18             16.30 M
+unet_r34             26.41 M
+unet_r50             41.20 M
+unet_r101            60.19 M
 ================  ===========
 """
 
