@@ -1,0 +1,69 @@
+"""stages.export: checkpoint → ONNX with dynamic N/H/W, parity with PyTorch in onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from matting_core.checkpoint import save_checkpoint
+from matting_core.models import build_network
+from stages.cli import main
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One tiny network exported once through the CLI (export is the slow part)."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = build_network("unet_r18x0.25").eval()
+    with torch.no_grad():  # non-trivial BN statistics so eval-mode folding is exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    checkpoint = save_checkpoint(root / "model.pt", model)
+    output = root / "out" / "model.onnx"
+    rc = main(["export", "--checkpoint", str(checkpoint), "--output", str(output)])
+    assert rc == 0
+    return model, output
+
+
+def test_onnx_matches_pytorch_at_two_sizes_and_batches(exported):
+    model, output = exported
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(1)
+    for n, h, w in [(1, 64, 96), (2, 100, 70), (1, 33, 7)]:
+        image = torch.rand(n, 3, h, w, generator=generator)
+        with torch.inference_mode():
+            expected = model(image)["alpha"].numpy()
+        (alpha,) = session.run(["alpha"], {"image": image.numpy()})
+        assert alpha.shape == (n, 1, h, w)
+        assert alpha.min() >= 0 and alpha.max() <= 1
+        assert np.abs(alpha - expected).max() < 1e-4
+
+
+def test_onnx_interface_is_named_and_dynamic(exported):
+    _, output = exported
+    proto = onnx.load(str(output))
+    onnx.checker.check_model(proto)
+    (inp,) = proto.graph.input
+    (out,) = proto.graph.output
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert inp.name == "image" and dims(inp) == ["batch", 3, "height", "width"]
+    assert out.name == "alpha" and dims(out) == ["batch", 1, "height", "width"]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["network_spec"])["name"] == "unet_r18x0.25"
+    assert [p.name for p in output.parent.iterdir()] == ["model.onnx"]  # atomic: no temp left
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    rc = main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--output", str(tmp_path / "m.onnx")])
+    assert rc == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
