@@ -1,0 +1,83 @@
+"""Step 1: pre-train on the segmentation set, the mask as a 0/1 matte, MSE loss.
+
+Data: the nested subset of ``S`` samples of ``data/shards/seg`` (``subset_keys``). Output:
+``models/pretrain/seg<S>/model.pt``. Pre-training depends on the seg budget only, so one
+model serves every matte budget of that row of the grid (``--mat`` is accepted and
+ignored); its MLflow run nests under the seg-only cell ``seg<S>-mat0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DESCRIPTION = __doc__
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from stages.training import add_common_arguments
+
+    add_common_arguments(parser, mat_required=False)
+
+
+def build_job(args: argparse.Namespace, params, device=None):
+    """The pre-training job for ``args.seg`` (no I/O beyond reading the shard index)."""
+    import torch
+
+    from matting_core.losses import mse_loss
+    from matting_core.models import build_network
+    from stages import tracking
+    from stages.training import budget_keys as subset_keys
+    from stages.training import ShardReader, StageError, TrainingJob, ViewDataset, pretrain_dir, step_hyper
+
+    seg_count = int(args.seg)
+    if seg_count <= 0:
+        raise StageError(
+            f"--seg {seg_count}: there is nothing to pre-train on without segmentation labels "
+            "(a mat-only cell trains its teacher from scratch: `matting teacher --seg 0 --mat M`)"
+        )
+    cfg = params.train.pretrain
+    hyper = step_hyper(cfg, args.iters)
+    seg_dir = Path(args.data_root) / "shards" / "seg"
+    reader = ShardReader(seg_dir, subset_keys(seg_dir, seg_count))
+    dataset = ViewDataset(reader, ["mask"], cfg.crop, cfg.scale_range, hyper["seed"], strong=False)
+    torch.manual_seed(hyper["seed"])
+    model = build_network(params.model.network)
+
+    def objective(pred, batch):
+        return mse_loss(pred, batch["mask"])
+
+    return TrainingJob(
+        stage="pretrain",
+        seg_count=seg_count,
+        mat_count=0,
+        cell=tracking.cell_name(seg_count, 0),
+        out_dir=pretrain_dir(args.models_root, seg_count),
+        model=model,
+        dataset=dataset,
+        objective=objective,
+        hyper=hyper,
+        experiment=params.study.experiment,
+        run_params={"init_from": "scratch", "loss": "mse", "data": str(seg_dir)},
+        num_workers=params.train.num_workers,
+        amp=params.train.amp,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from stages.config import load_params
+    from stages.training import resolve_device, run_stage, train
+
+    def body():
+        params = load_params(args.params)
+        device = resolve_device(args.device or params.train.device)
+        result = train(build_job(args, params, device), device)
+        print(f"pretrain: wrote {result['model_path']} (MLflow run {result['run_id']})")
+
+    return run_stage("pretrain", body)
+
+
+if __name__ == "__main__":
+    from stages.cli import run_module
+
+    run_module("pretrain")

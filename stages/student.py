@@ -1,0 +1,189 @@
+"""Step 3: the MLB student on the segmentation set (METHOD.md §1).
+
+    α'_t, b'_t = teacher(weak view);  β = sigmoid(b'_t);  M̃ = β ⊙ α'_t + (1 − β) ⊙ S
+    L_s = L1 + Laplacian L1 of (α'_s, M̃) + λ·BCE(b'_s, 1[0.05 < M̃ < 0.95]),
+    α'_s, b'_s = student(strong view: the same geometry + colour jitter, blur, noise, JPEG)
+
+Needs ``S > 0`` and ``M > 0``. Data: the nested subset of ``S`` seg samples.
+
+Label modes (``train.student.label_mode``):
+- ``offline`` (default; any teacher/student pair): the labels come from the pseudo-label
+  shards ``data/pseudolabels/seg<S>-mat<M>/`` (image, mask, blended, ...) written by the
+  ``pseudolabel`` stage; the blended label gets the same geometry as the image. When that
+  directory does not exist, the frozen teacher ``models/teacher/seg<S>-mat<M>/model.pt``
+  labels each weak view in-process with the same function
+  (:func:`matting_core.training.mlb_labels`).
+- ``ema`` (teacher and student must share an architecture): the teacher starts from the
+  teacher checkpoint, labels the weak view inside the loop and follows the student,
+  ``θ_t ← m·θ_t + (1 − m)·θ_s`` after each step (m = ``train.student.ema_momentum``).
+
+Student network: ``train.student.network`` or ``model.network``. Init (project choice): the
+pre-trained ``models/pretrain/seg<S>/model.pt`` when its architecture equals the student's,
+else from scratch. Output: ``models/student/seg<S>-mat<M>/model.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DESCRIPTION = __doc__
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from stages.training import add_common_arguments
+
+    add_common_arguments(parser)
+
+
+def build_job(args: argparse.Namespace, params, device=None):
+    import torch
+
+    from matting_core.checkpoint import load_model
+    from matting_core.losses import student_loss
+    from matting_core.models import build_network
+    from matting_core.training import ema_update, mlb_labels
+    from stages import tracking
+    from stages.shards import read_index
+    from stages.training import budget_keys as subset_keys
+    from stages.training import (
+        ShardReader,
+        StageError,
+        TrainingJob,
+        ViewDataset,
+        autocast_settings,
+        cell_dir,
+        file_sha256,
+        pretrain_dir,
+        require_checkpoint,
+        step_hyper,
+    )
+
+    seg_count, mat_count = int(args.seg), int(args.mat)
+    if seg_count <= 0 or mat_count <= 0:
+        raise StageError(
+            f"--seg {seg_count} --mat {mat_count}: the MLB student needs both budgets > 0 "
+            "(seg-only cells stop at `matting pretrain`, mat-only cells at `matting teacher`)"
+        )
+    cfg = params.train.student
+    hyper = step_hyper(cfg, args.iters)
+    cell = tracking.cell_name(seg_count, mat_count)
+    data_root = Path(args.data_root)
+    seg_dir = data_root / "shards" / "seg"
+    seg_keys = subset_keys(seg_dir, seg_count)
+    pseudo_dir = data_root / "pseudolabels" / cell
+    teacher_path = cell_dir(args.models_root, "teacher", seg_count, mat_count) / "model.pt"
+    teacher_cmd = f"matting teacher --seg {seg_count} --mat {mat_count}"
+    device = torch.device("cpu") if device is None else device
+    autocast_dtype, _ = autocast_settings(device, params.train.amp)
+
+    student_network = cfg.network or params.model.network
+    torch.manual_seed(hyper["seed"])
+    model = build_network(student_network)
+    fingerprint_extra: dict = {"label_mode": cfg.label_mode}
+
+    # init: the pre-trained weights when the architecture matches (project choice)
+    pre_path = require_checkpoint(pretrain_dir(args.models_root, seg_count) / "model.pt", f"matting pretrain --seg {seg_count}")
+    pretrained, pre_info = load_model(pre_path)
+    if pre_info["network_spec"] == model.network_spec:
+        model.load_state_dict(pretrained.state_dict())
+        init_from = str(pre_path)
+        fingerprint_extra["init_sha256"] = file_sha256(pre_path)
+    else:
+        init_from = "scratch"
+    del pretrained
+
+    teacher = None
+    modules: dict = {}
+    after_step = None
+    if cfg.label_mode == "offline" and (pseudo_dir / "index.json").is_file():
+        label_source = "pseudolabel-shards"
+        index = read_index(pseudo_dir)
+        if set(index["keys"]) != set(seg_keys):
+            raise StageError(
+                f"{pseudo_dir} labels {index['count']} samples but the seg budget is {seg_count} "
+                f"(or another subset); re-run `matting pseudolabel --seg {seg_count} --mat {mat_count}`"
+            )
+        reader = ShardReader(pseudo_dir, seg_keys)
+        roles = ["mask", "blended"]
+        fingerprint_extra["labels_index_sha256"] = file_sha256(pseudo_dir / "index.json")
+    else:
+        label_source = "in-process" if cfg.label_mode == "offline" else "ema"
+        teacher, t_info = load_model(require_checkpoint(teacher_path, teacher_cmd), map_location=device)
+        if cfg.label_mode == "ema" and t_info["network_spec"] != model.network_spec:
+            raise StageError(
+                f"label_mode ema needs teacher and student to share an architecture, but the teacher "
+                f"{teacher_path} is {t_info['network_spec'].get('name')} and the student is {student_network}; "
+                "set train.student.network to the teacher's network (or null), or use label_mode: offline"
+            )
+        teacher.requires_grad_(False)
+        teacher.eval()
+        fingerprint_extra["teacher_sha256"] = file_sha256(teacher_path)
+        reader = ShardReader(seg_dir, seg_keys)
+        roles = ["mask"]
+        blend = cfg.blend
+
+        def prepare_batch(batch):
+            batch.update(
+                mlb_labels(teacher, batch["image"], batch["mask"], blend.mode, blend.dilate, autocast_dtype)
+            )
+            return batch
+
+        if cfg.label_mode == "ema":
+            modules["ema_teacher"] = teacher
+            momentum = float(cfg.ema_momentum)
+
+            def after_step():
+                ema_update(teacher, model, momentum)
+
+    dataset = ViewDataset(reader, roles, cfg.crop, cfg.scale_range, hyper["seed"], strong=True)
+    lambda_boundary = float(cfg.lambda_boundary)
+
+    def objective(pred, batch):
+        return student_loss(pred, batch["blended"], lambda_boundary)
+
+    return TrainingJob(
+        stage="student",
+        seg_count=seg_count,
+        mat_count=mat_count,
+        cell=cell,
+        out_dir=cell_dir(args.models_root, "student", seg_count, mat_count),
+        model=model,
+        dataset=dataset,
+        objective=objective,
+        hyper=hyper,
+        experiment=params.study.experiment,
+        input_key="image_strong",
+        prepare_batch=None if teacher is None else prepare_batch,
+        after_step=after_step,
+        modules=modules,
+        run_params={
+            "init_from": init_from,
+            "loss": "student",
+            "label_source": label_source,
+            "teacher_checkpoint": str(teacher_path),
+            "data": str(reader.set_dir),
+        },
+        fingerprint_extra=fingerprint_extra,
+        num_workers=params.train.num_workers,
+        amp=params.train.amp,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from stages.config import load_params
+    from stages.training import resolve_device, run_stage, train
+
+    def body():
+        params = load_params(args.params)
+        device = resolve_device(args.device or params.train.device)
+        result = train(build_job(args, params, device), device)
+        print(f"student: wrote {result['model_path']} (MLflow run {result['run_id']})")
+
+    return run_stage("student", body)
+
+
+if __name__ == "__main__":
+    from stages.cli import run_module
+
+    run_module("student")

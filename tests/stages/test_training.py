@@ -1,0 +1,420 @@
+"""pretrain → teacher → MLB student on tiny real shards, CPU, a real sqlite MLflow store.
+
+The shard sets are written with the real writer (stages.shards.write_shard_set) in the
+layout FORMATS.md fixes: data/shards/{seg,matte}, data/composite/train (meta fg_keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from matting_core.checkpoint import load_model, read_checkpoint
+from matting_core.training import mlb_labels
+from stages import pretrain, student, teacher, tracking
+from stages.cli import main
+from stages.config import parse_params
+from stages.shards import subset_keys, write_shard_set
+from stages.training import PositionSampler, ShardReader, StageError, train
+
+CPU = torch.device("cpu")
+SIZE = 48
+N_SEG, N_MAT = 12, 6
+SEG, MAT = 8, 3
+ITERS = 16
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _disc(rng, size):
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    cy, cx = rng.uniform(size * 0.35, size * 0.65, 2)
+    radius = rng.uniform(size * 0.2, size * 0.3)
+    return np.clip((radius - np.hypot(yy - cy, xx - cx)) / 3 + 0.5, 0, 1).astype(np.float32)
+
+
+def make_data(root: Path, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    seg = []
+    for i in range(N_SEG):
+        alpha = _disc(rng, SIZE)
+        fg, bg = rng.integers(150, 255, 3), rng.integers(0, 100, (SIZE, SIZE, 3))
+        image = np.round(alpha[..., None] * fg + (1 - alpha[..., None]) * bg).astype(np.uint8)
+        seg.append((f"seg-{i:06d}", {"set": "seg"}, {"image": image, "mask": alpha > 0.5}))
+    write_shard_set(root / "shards" / "seg", "seg", seg, samples_per_shard=5, order=[k for k, _, _ in seg[::-1]])
+    mattes, composites = [], []
+    for i in range(N_MAT):
+        key = f"matte-{i:06d}"
+        alpha = _disc(rng, SIZE)
+        fg = np.full((SIZE, SIZE, 3), rng.integers(150, 255, 3), np.uint8)
+        mattes.append((key, {"set": "matte"}, {"fg": fg, "alpha": alpha}))
+        for j in range(2):
+            bg = rng.integers(0, 100, (SIZE, SIZE, 3)).astype(np.uint8)
+            image = np.round(alpha[..., None] * fg + (1 - alpha[..., None]) * bg).astype(np.uint8)
+            meta = {"fg_keys": [key], "bg_key": f"background-{j:06d}", "two_instance": False, "target": "single"}
+            composites.append((f"train-{i:06d}-{j}", meta, {"image": image, "alpha": alpha, "fg": fg, "bg": bg}))
+    # a two-instance composite whose partner lies outside the budget must not be used
+    composites.append(
+        ("train-two-000000", {"fg_keys": ["matte-000000", "matte-000005"], "two_instance": True}, composites[0][2])
+    )
+    write_shard_set(root / "shards" / "matte", "matte", mattes, samples_per_shard=4)
+    write_shard_set(root / "composite" / "train", "train", composites, samples_per_shard=5)
+
+
+def make_params(**train_overrides) -> dict:
+    step = {"iters": ITERS, "lr": 3.0e-3, "batch_size": 4, "crop": 32, "checkpoint_every": 4, "log_every": 1}
+    raw = {
+        "model": {"network": "unet_r18x0.25"},
+        "train": {
+            "device": "cpu",
+            "num_workers": 0,
+            "pretrain": dict(step),
+            "teacher": dict(step),
+            "student": dict(step),
+        },
+        "study": {"experiment": "test-training", "seg": [SEG], "mat": [MAT]},
+    }
+    for section, values in train_overrides.items():
+        raw["train"][section].update(values)
+    return raw
+
+
+def args_for(world, seg, mat, models_root=None, data_root=None, iters=None):
+    return argparse.Namespace(
+        seg=seg,
+        mat=mat,
+        params=str(world["params_file"]),
+        data_root=str(data_root or world["data"]),
+        models_root=str(models_root or world["models"]),
+        device="cpu",
+        iters=iters,
+    )
+
+
+def clone_models(world, dst: Path) -> Path:
+    """A models root holding copies of the pre-trained and teacher checkpoints."""
+    for stage in ("pretrain", "teacher"):
+        for path in (world["models"] / stage).glob("*/model.pt"):
+            (dst / stage / path.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst / stage / path.parent.name / "model.pt")
+    return dst
+
+
+def run_job(module, world, seg, mat, raw=None, record=None, fail_at=None, **kw):
+    """Build and train a stage job in-process; ``record`` collects (step, batch, terms)."""
+    params = parse_params(raw or make_params())
+    job = module.build_job(args_for(world, seg, mat, **kw), params, CPU)
+
+    def on_step(step, batch, terms):
+        if record is not None:
+            record.append((step, {k: v.detach().clone() for k, v in batch.items()}, {k: float(v) for k, v in terms.items()}))
+        if fail_at is not None and step == fail_at:
+            raise RuntimeError(f"injected failure at step {step}")
+
+    return job, train(job, CPU, on_step=on_step, progress=False)
+
+
+def losses_of(record):
+    return [terms["total"] for _, _, terms in record]
+
+
+def assert_loss_falls(losses):
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.95 * first, f"loss did not fall: first {first:.4f}, last {last:.4f}: {losses}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    make_data(root / "data")
+    (root / "params.yaml").write_text(yaml.safe_dump(make_params()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)  # MLflow's default artifact root is relative to the working directory
+        yield {"root": root, "data": root / "data", "models": root / "models", "params_file": root / "params.yaml", "runs": {}}
+    torch.set_num_threads(threads)
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def pretrained(world):
+    record = []
+    job, result = run_job(pretrain, world, SEG, 0, record=record)
+    return {"job": job, "result": result, "record": record}
+
+
+@pytest.fixture(scope="module")
+def taught(world, pretrained):
+    record = []
+    job, result = run_job(teacher, world, SEG, MAT, record=record)
+    return {"job": job, "result": result, "record": record}
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def test_pretrain_trains_and_loss_falls(world, pretrained):
+    result, record = pretrained["result"], pretrained["record"]
+    assert [s for s, _, _ in record] == list(range(1, ITERS + 1))
+    assert_loss_falls(losses_of(record))
+    path = world["models"] / "pretrain" / f"seg{SEG}" / "model.pt"
+    assert result["model_path"] == path and path.is_file()
+    assert not (path.parent / "state.pt").exists(), "the resumable state is removed once model.pt exists"
+    # exactly the nested subset of the seg set, as 0/1 mattes
+    assert pretrained["job"].dataset.reader.keys == subset_keys(world["data"] / "shards" / "seg", SEG)
+    masks = record[0][1]["mask"]
+    assert set(torch.unique(masks).tolist()) <= {0.0, 1.0}
+
+
+def test_checkpoint_loads_with_weights_only(world, pretrained):
+    path = pretrained["result"]["model_path"]
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["network_spec"]["name"] == "unet_r18x0.25"
+    model, info = load_model(path)
+    assert info["extra"]["stage"] == "pretrain" and info["extra"]["step"] == ITERS
+    assert info["extra"]["seg_count"] == SEG and info["extra"]["run_id"] == pretrained["result"]["run_id"]
+    # the saved weights are the trained ones, not the initial ones
+    trained = pretrained["job"].model.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[key].cpu())
+
+
+def test_mlflow_run_is_nested_with_params_metrics_and_artifact(world, pretrained, taught):
+    client = MlflowClient()
+    for stage, got, seg, mat, name in (
+        ("pretrain", pretrained, SEG, 0, f"pretrain-unet_r18x0.25-seg{SEG}-seed0"),
+        ("teacher", taught, SEG, MAT, f"teacher-unet_r18x0.25-seg{SEG}-mat{MAT}-seed0"),
+    ):
+        run_id = got["result"]["run_id"]
+        run = client.get_run(run_id)
+        cell = tracking.get_or_create_cell_run("test-training", seg, mat, "unet_r18x0.25")
+        assert run.data.tags["mlflow.parentRunId"] == cell
+        assert run.data.tags["mlflow.runName"] == name
+        assert run.info.status == "FINISHED"
+        p = run.data.params
+        assert p["stage"] == stage and p["seg_count"] == str(seg) and p["mat_count"] == str(mat)
+        assert p["network"] == "unet_r18x0.25" and float(p["lr"]) == 3e-3 and p["iters"] == str(ITERS)
+        assert p["batch_size"] == "4" and p["crop"] == "32" and p["scale_range"] == "0.75,1.25"
+        history = client.get_metric_history(run_id, "loss/total")
+        assert sorted(m.step for m in history) == list(range(1, ITERS + 1))
+        np.testing.assert_allclose(
+            [m.value for m in sorted(history, key=lambda m: m.step)], losses_of(got["record"]), rtol=1e-6
+        )
+        assert len(client.get_metric_history(run_id, "lr")) == ITERS
+        artifacts = [a.path for a in client.list_artifacts(run_id, "checkpoint")]
+        assert artifacts == ["checkpoint/model.pt"]
+        run_json = (got["result"]["model_path"].parent / "run.json").read_text()
+        assert run_id in run_json and '"FINISHED"' in run_json
+    teacher_terms = client.get_run(taught["result"]["run_id"]).data.metrics
+    assert {"loss/l1", "loss/composition", "loss/laplacian", "loss/boundary_bce", "loss/matte"} <= set(teacher_terms)
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def test_teacher_from_pretrain_trains_on_the_matte_budget(world, pretrained, taught):
+    assert_loss_falls(losses_of(taught["record"]))
+    job = taught["job"]
+    budget = set(subset_keys(world["data"] / "shards" / "matte", MAT))
+    used = [job.dataset.reader.meta(k)["fg_keys"] for k in job.dataset.reader.keys]
+    assert len(used) == 2 * MAT and all(set(fg) <= budget for fg in used)
+    assert job.run_params["init_from"].endswith(f"pretrain/seg{SEG}/model.pt")
+    batch = taught["record"][0][1]
+    assert {"image", "alpha", "fg", "bg"} <= set(batch)
+    _, info = load_model(taught["result"]["model_path"])
+    assert info["extra"]["stage"] == "teacher" and info["extra"]["mat_count"] == MAT
+
+
+def test_teacher_resume_continues_at_saved_step_with_the_same_losses(world):
+    raw = make_params(teacher={"iters": 6, "checkpoint_every": 2})
+    root_a, root_b = world["root"] / "resume-a", world["root"] / "resume-b"
+    straight = []
+    run_job(teacher, world, 0, MAT, raw=raw, record=straight, models_root=root_a)
+
+    first = []
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        run_job(teacher, world, 0, MAT, raw=raw, record=first, fail_at=3, models_root=root_b)
+    cell = root_b / "teacher" / f"seg0-mat{MAT}"
+    assert (cell / "state.pt").is_file() and not (cell / "model.pt").exists()
+    assert read_checkpoint(cell / "state.pt")["step"] == 2
+    failed_run = read_checkpoint(cell / "state.pt")["extra"]["run_id"]
+    assert MlflowClient().get_run(failed_run).info.status == "FAILED"
+
+    second = []
+    _, result = run_job(teacher, world, 0, MAT, raw=raw, record=second, models_root=root_b)
+    assert result["start_step"] == 2 and result["step"] == 6 and result["resumed"]
+    assert [s for s, _, _ in second] == [3, 4, 5, 6]
+    np.testing.assert_allclose(losses_of(second), losses_of(straight)[2:], rtol=1e-5)
+    assert (cell / "model.pt").is_file() and not (cell / "state.pt").exists()
+    # the same MLflow run continues; every step is logged exactly once
+    assert result["run_id"] == failed_run
+    history = MlflowClient().get_metric_history(failed_run, "loss/total")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert MlflowClient().get_run(failed_run).info.status == "FINISHED"
+
+
+def test_a_state_from_another_configuration_is_not_resumed(world):
+    raw = make_params(teacher={"iters": 4, "checkpoint_every": 2})
+    root = world["root"] / "resume-other"
+    with pytest.raises(RuntimeError):
+        run_job(teacher, world, 0, MAT, raw=raw, fail_at=3, models_root=root)
+    raw["train"]["teacher"]["lr"] = 1e-3
+    _, result = run_job(teacher, world, 0, MAT, raw=raw, models_root=root)
+    assert result["start_step"] == 0 and result["step"] == 4
+
+
+# ----------------------------------------------------------------------------- student
+
+
+def test_student_in_process_labels_obey_the_blend_identity(world, taught):
+    record = []
+    job, result = run_job(student, world, SEG, MAT, record=record)
+    assert_loss_falls(losses_of(record))
+    assert job.run_params["label_source"] == "in-process"
+    assert job.input_key == "image_strong"
+    frozen, _ = load_model(taught["result"]["model_path"])
+    for _, batch, _ in (record[0], record[-1]):
+        with torch.no_grad():
+            out = frozen(batch["image"])  # the weak view
+        beta = torch.sigmoid(out["boundary_logits"])
+        expected = beta * out["alpha"] + (1 - beta) * batch["mask"]
+        torch.testing.assert_close(batch["blended"], expected, atol=1e-5, rtol=0)
+        assert (batch["blended"] - batch["mask"]).abs().max() > 1e-3  # not just S
+        assert (batch["blended"] - out["alpha"]).abs().max() > 1e-3  # not just α'_t
+        assert (batch["image_strong"] - batch["image"]).abs().mean() > 1e-3
+    # init from the pre-trained model (same architecture)
+    assert job.run_params["init_from"].endswith(f"pretrain/seg{SEG}/model.pt")
+    _, info = load_model(result["model_path"])
+    assert info["extra"]["stage"] == "student" and info["extra"]["label_source"] == "in-process"
+
+
+def test_student_reads_offline_pseudolabel_shards(world, taught, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    clone_models(world, tmp_path / "models")
+    frozen, _ = load_model(taught["result"]["model_path"])
+    keys = subset_keys(data / "shards" / "seg", SEG)
+    samples = []
+    reader = ShardReader(data / "shards" / "seg", keys)
+    for key in keys:
+        s = reader.read(key)
+        image = torch.from_numpy(s["image"]).permute(2, 0, 1)[None].float() / 255
+        labels = mlb_labels(frozen, image, torch.from_numpy(s["mask"])[None, None])
+        arrays = {k: v[0, 0].numpy() for k, v in labels.items()}
+        samples.append((key, {"set": "pseudolabel"}, {"image": s["image"], "mask": s["mask"], **arrays}))
+    cell = f"seg{SEG}-mat{MAT}"
+    write_shard_set(data / "pseudolabels" / cell, "pseudolabel", samples, samples_per_shard=4)
+
+    record = []
+    job, _ = run_job(
+        student, world, SEG, MAT, raw=make_params(student={"iters": 3}), record=record,
+        data_root=data, models_root=tmp_path / "models",
+    )
+    assert job.run_params["label_source"] == "pseudolabel-shards"
+    batch = record[0][1]
+    assert "teacher_alpha" not in batch and batch["blended"].shape == batch["mask"].shape
+    assert 0 < float(batch["blended"].mean()) < 1
+
+    # labels for another subset are refused with the command that fixes it
+    write_shard_set(data / "pseudolabels" / cell, "pseudolabel", samples[:-1], samples_per_shard=4)
+    with pytest.raises(StageError, match="re-run `matting pseudolabel"):
+        student.build_job(args_for(world, SEG, MAT, data_root=data), parse_params(make_params()), CPU)
+
+
+def test_student_ema_mode_updates_and_resumes_its_teacher(world, taught):
+    m = 0.8
+    raw = make_params(student={"iters": 4, "checkpoint_every": 2, "label_mode": "ema", "ema_momentum": m})
+    root_a = clone_models(world, world["root"] / "ema-a")
+    root_b = clone_models(world, world["root"] / "ema-b")
+    params = parse_params(raw)
+    job = student.build_job(args_for(world, SEG, MAT, models_root=root_a), params, CPU)
+    ema_teacher = job.modules["ema_teacher"]
+    snapshots = [{k: v.clone() for k, v in ema_teacher.state_dict().items()}]
+    students = []
+
+    def on_step(step, batch, terms):
+        snapshots.append({k: v.clone() for k, v in ema_teacher.state_dict().items()})
+        students.append({k: v.clone() for k, v in job.model.state_dict().items()})
+
+    train(job, CPU, on_step=on_step, progress=False)
+    assert job.run_params["label_source"] == "ema"
+    for k in range(1, 5):
+        for key in ("encoder.stem.0.weight", "encoder.stem.1.running_mean", "alpha_head.weight"):
+            torch.testing.assert_close(snapshots[k][key], m * snapshots[k - 1][key] + (1 - m) * students[k - 1][key])
+
+    with pytest.raises(RuntimeError):
+        run_job(student, world, SEG, MAT, raw=raw, fail_at=3, models_root=root_b)
+    _, result = run_job(student, world, SEG, MAT, raw=raw, models_root=root_b)
+    assert result["start_step"] == 2
+    a, _ = load_model(root_a / "student" / f"seg{SEG}-mat{MAT}" / "model.pt")
+    b, _ = load_model(result["model_path"])
+    for key, value in a.state_dict().items():  # equal only if the EMA teacher was restored too
+        torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_student_ema_needs_the_same_architecture(world, taught):
+    raw = make_params(student={"label_mode": "ema", "network": "unet_r18x0.5"})
+    with pytest.raises(StageError, match="share an architecture"):
+        student.build_job(args_for(world, SEG, MAT), parse_params(raw), CPU)
+
+
+# ----------------------------------------------------------------------------- CLI + errors
+
+
+def test_cli_errors_name_the_missing_piece(world, capsys):
+    common = ["--params", str(world["params_file"]), "--data-root", str(world["data"]), "--device", "cpu"]
+    empty = ["--models-root", str(world["root"] / "empty-models")]
+    assert main(["pretrain", "--seg", "0", *common, *empty]) == 2
+    assert "nothing to pre-train" in capsys.readouterr().err
+    assert main(["teacher", "--seg", str(SEG), "--mat", "0", *common, *empty]) == 2
+    assert "needs matte labels" in capsys.readouterr().err
+    assert main(["teacher", "--seg", str(SEG), "--mat", str(MAT), *common, *empty]) == 2
+    err = capsys.readouterr().err
+    assert f"pretrain/seg{SEG}/model.pt not found" in err and f"matting pretrain --seg {SEG}" in err
+    assert main(["student", "--seg", "0", "--mat", str(MAT), *common, *empty]) == 2
+    assert "needs both budgets" in capsys.readouterr().err
+    assert main(["pretrain", "--seg", "999", *common, *empty]) == 2
+    assert "has only 12" in capsys.readouterr().err
+
+
+def test_cli_runs_a_stage_with_iters_override(world, pretrained, capsys):
+    models = clone_models(world, world["root"] / "cli-models")
+    rc = main(["teacher", "--seg", str(SEG), "--mat", str(MAT), "--params", str(world["params_file"]),
+               "--data-root", str(world["data"]), "--models-root", str(models), "--device", "cpu", "--iters", "2"])
+    assert rc == 0
+    _, info = load_model(models / "teacher" / f"seg{SEG}-mat{MAT}" / "model.pt")
+    assert info["extra"]["step"] == 2
+
+
+def test_position_sampler_resumes_the_same_sequence():
+    full = PositionSampler(5, seed=3)
+    it = iter(full)
+    sequence = [next(it) for _ in range(17)]
+    assert sorted(i for i, _ in sequence[:5]) == list(range(5))  # each epoch is a permutation
+    resumed = iter(PositionSampler(5, seed=3, start=8))
+    assert [next(resumed) for _ in range(9)] == sequence[8:]
+
+
+def test_loader_workers_give_the_same_batches(world):
+    from stages.training import ViewDataset, make_loader
+
+    reader = ShardReader(world["data"] / "shards" / "seg", subset_keys(world["data"] / "shards" / "seg", SEG))
+    dataset = ViewDataset(reader, ["mask"], 32, (0.75, 1.25), seed=0, strong=True)
+    in_process = iter(make_loader(dataset, 4, start_step=1, num_workers=0))
+    workers = iter(make_loader(dataset, 4, start_step=1, num_workers=2))
+    for _ in range(3):
+        a, b = next(in_process), next(workers)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    del workers
