@@ -1,0 +1,530 @@
+"""Pure part of the study report: grids of metrics over the label budgets, findings F1-F3.
+
+Input is the evaluate stage's per-cell record (one ``metrics/<cell>.json`` each, already
+parsed into a dict)::
+
+    {"cell": "seg60-mat8", "seg_count": 60, "mat_count": 8, "kind": "both",
+     "primary": "student",
+     "models": {"student": {"network": ..., "params": int, "fps": float,
+                            "sets": {"natural": {"n": int,
+                                                 "whole": {"sad", "mse", "grad", "conn"},
+                                                 "boundary": {...}, "unknown": {...}}}},
+                "teacher": {...}},
+     "methods": {"<method>": {"sets": {...}, "fps": float}}}      # optional
+
+``cells`` below maps ``(seg_count, mat_count)`` to that dict; a grid cell whose file is
+absent is simply not a key. Units: SAD, Grad, Conn are /1000 already; MSE is raw and is
+shown ×1e3 (:data:`DISPLAY_SCALE`). Lower is better for every metric.
+
+Nothing here reads files or knows a params.yaml key; ``stages/report.py`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DASH",
+    "DISPLAY_SCALE",
+    "METRICS",
+    "MISSING",
+    "NOT_AVAILABLE",
+    "REGIONS",
+    "Grid",
+    "build_grid",
+    "cell_kind",
+    "cell_name",
+    "CLAIMS",
+    "check_findings",
+    "discover_sets",
+    "format_budget",
+    "finding_headline",
+    "format_value",
+    "grid_axes",
+    "metric_label",
+    "metric_value",
+    "method_rows",
+    "primary_role",
+    "safe_name",
+    "summary_metrics",
+]
+
+Cells = Mapping[tuple[int, int], Mapping[str, Any]]
+
+METRICS: tuple[str, ...] = ("mse", "sad", "grad", "conn")
+REGIONS: tuple[str, ...] = ("whole", "boundary", "unknown")
+# multiply the stored value by this to get the number tables and figures print
+DISPLAY_SCALE: dict[str, float] = {"mse": 1e3, "sad": 1.0, "grad": 1.0, "conn": 1.0}
+_LABELS = {"mse": ("MSE", "×1e3"), "sad": ("SAD", "/1e3"), "grad": ("Grad", "/1e3"), "conn": ("Conn", "/1e3")}
+_PRIMARY_BY_KIND = {"seg_only": "pretrain", "mat_only": "teacher", "both": "student"}
+
+DASH = "—"  # the (0, 0) cell: no labels, not part of the study
+MISSING = "missing"  # the cell's metrics file is absent (or unreadable)
+NOT_AVAILABLE = "n/a"  # the file exists but lacks this set / region / metric
+
+
+def cell_name(seg_count: int, mat_count: int) -> str:
+    """``seg<S>-mat<M>``, the same name as ``stages.tracking.cell_name`` and the metrics file."""
+    return f"seg{int(seg_count)}-mat{int(mat_count)}"
+
+
+def safe_name(name: str) -> str:
+    """``name`` with anything but letters, digits, ``_.-`` replaced by ``_`` (file names, ids)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
+
+
+def cell_kind(seg_count: int, mat_count: int) -> str:
+    """``seg_only`` (S, 0), ``mat_only`` (0, M) or ``both``; (0, 0) is not a cell."""
+    if seg_count <= 0 and mat_count <= 0:
+        raise ValueError("(0, 0) is not a cell of the study")
+    if mat_count <= 0:
+        return "seg_only"
+    if seg_count <= 0:
+        return "mat_only"
+    return "both"
+
+
+def grid_axes(seg: Sequence[int], mat: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Row and column budgets of the grid: ``[0, *seg]`` and ``[0, *mat]``."""
+    return [0, *[int(s) for s in seg if s != 0]], [0, *[int(m) for m in mat if m != 0]]
+
+
+def metric_label(metric: str, ascii_only: bool = False) -> str:
+    """``"MSE ×1e3"``, ``"SAD /1e3"``... (``"MSE x1e3"`` with ``ascii_only``)."""
+    name, unit = _LABELS.get(metric, (metric.upper(), ""))
+    text = f"{name} {unit}".strip()
+    return text.replace("×", "x") if ascii_only else text
+
+
+def format_value(value: float) -> str:
+    """Three decimals for the usual range, three significant digits outside it."""
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.3f}"
+    return f"{value:.3g}"
+
+
+def format_budget(n: int) -> str:
+    """Axis label of a budget as the paper writes it: 50, 200, 2K, 2.5K, 50K."""
+    if n >= 1000 and n % 100 == 0:
+        k = n / 1000
+        return f"{k:g}K"
+    return str(n)
+
+
+def primary_role(cell: Mapping[str, Any]) -> str:
+    """Which model is the cell's result: the record's ``primary``, else from its kind."""
+    role = cell.get("primary")
+    if role:
+        return str(role)
+    kind = cell.get("kind") or cell_kind(int(cell["seg_count"]), int(cell["mat_count"]))
+    return _PRIMARY_BY_KIND[kind]
+
+
+def _lookup(sets: Any, valset: str, region: str, metric: str) -> float | None:
+    try:
+        value = sets[valset][region][metric]
+    except (KeyError, TypeError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def metric_value(
+    cell: Mapping[str, Any], valset: str, region: str, metric: str, role: str | None = None
+) -> float | None:
+    """Raw value of ``metric`` for model ``role`` (default: primary); None where absent."""
+    role = role or primary_role(cell)
+    model = (cell.get("models") or {}).get(role)
+    if not isinstance(model, Mapping):
+        return None
+    return _lookup(model.get("sets"), valset, region, metric)
+
+
+def discover_sets(cells: Cells, preferred: Sequence[str] = ("natural", "composited")) -> dict[str, list[str]]:
+    """Validation sets of the primary models and the regions each one has.
+
+    Order: ``preferred`` names first, then the others alphabetically; regions in
+    :data:`REGIONS` order (``unknown`` only where some cell has it).
+    """
+    found: dict[str, set[str]] = {}
+    for cell in cells.values():
+        model = (cell.get("models") or {}).get(primary_role(cell))
+        sets = model.get("sets") if isinstance(model, Mapping) else None
+        if not isinstance(sets, Mapping):
+            continue
+        for name, regions in sets.items():
+            if isinstance(regions, Mapping):
+                found.setdefault(str(name), set()).update(r for r in regions if r in REGIONS)
+    order = [s for s in preferred if s in found] + sorted(s for s in found if s not in preferred)
+    return {s: [r for r in REGIONS if r in found[s]] for s in order}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One metric over the budget grid: rows = seg budgets, columns = mat budgets.
+
+    ``entries[(s, m)]`` is the raw value (float) or one of :data:`DASH`, :data:`MISSING`,
+    :data:`NOT_AVAILABLE`.
+    """
+
+    valset: str
+    region: str
+    metric: str
+    seg: list[int]
+    mat: list[int]
+    entries: dict[tuple[int, int], float | str] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return f"{self.valset} · {self.region} · {metric_label(self.metric)}"
+
+    @property
+    def stem(self) -> str:
+        """File name stem: ``<valset>-<region>-<metric>``."""
+        return f"{safe_name(self.valset)}-{self.region}-{self.metric}"
+
+    def value(self, s: int, m: int) -> float | None:
+        """Raw value of a cell, None when it has none."""
+        v = self.entries.get((s, m), MISSING)
+        return v if isinstance(v, float) else None
+
+    def shown(self, s: int, m: int) -> float | None:
+        """Display value (MSE ×1e3), None when the cell has none."""
+        v = self.value(s, m)
+        return None if v is None else v * DISPLAY_SCALE.get(self.metric, 1.0)
+
+    def text(self, s: int, m: int) -> str:
+        v = self.entries.get((s, m), MISSING)
+        return format_value(v * DISPLAY_SCALE.get(self.metric, 1.0)) if isinstance(v, float) else v
+
+    def values(self) -> list[float]:
+        return [v for v in self.entries.values() if isinstance(v, float)]
+
+    def best(self) -> tuple[int, int] | None:
+        """The cell with the lowest value (every metric here is an error)."""
+        present = [(v, k) for k, v in self.entries.items() if isinstance(v, float)]
+        return min(present)[1] if present else None
+
+    def corner(self, ascii_only: bool = False) -> str:
+        return f"seg \\ mat ({metric_label(self.metric, ascii_only)})"
+
+    def to_markdown(self) -> str:
+        best = self.best()
+        header = f"| {self.corner()} | " + " | ".join(str(m) for m in self.mat) + " |"
+        rule = "|---:|" + "---:|" * len(self.mat)
+        rows = []
+        for s in self.seg:
+            cells = []
+            for m in self.mat:
+                t = self.text(s, m)
+                cells.append(f"**{t}**" if (s, m) == best else t)
+            rows.append(f"| {s} | " + " | ".join(cells) + " |")
+        note = (
+            f"**{self.title}** (set · region · metric): lower is better, best in bold. "
+            f"Rows: segmentation labels, columns: matte labels. Each cell shows its "
+            f"primary model (seg-only: pre-trained, mat-only: teacher, both: MLB student); "
+            f"{DASH} = (0, 0), not in the study."
+        )
+        return "\n".join([note, "", header, rule, *rows, ""])
+
+    def to_csv(self) -> str:
+        """Wide CSV with the display values (MSE ×1e3) and the unit in the corner cell."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow([self.corner(ascii_only=True), *self.mat])
+        for s in self.seg:
+            row: list[str | int] = [s]
+            for m in self.mat:
+                v = self.shown(s, m)
+                row.append(f"{v:.6g}" if v is not None else self.text(s, m))
+            writer.writerow(row)
+        return buf.getvalue()
+
+    def long_rows(self) -> list[dict[str, Any]]:
+        """``{"seg", "mat", "cell", <metric>_x1e3|<metric>}`` for every cell with a value."""
+        key = "mse_x1e3" if self.metric == "mse" else self.metric
+        return [
+            {"seg": s, "mat": m, "cell": cell_name(s, m), key: round(self.shown(s, m), 6)}
+            for s in self.seg
+            for m in self.mat
+            if self.value(s, m) is not None
+        ]
+
+
+def build_grid(
+    cells: Cells, seg: Sequence[int], mat: Sequence[int], valset: str, region: str, metric: str
+) -> Grid:
+    """The grid of ``metric`` for each cell's primary model on ``valset`` / ``region``."""
+    rows, cols = grid_axes(seg, mat)
+    entries: dict[tuple[int, int], float | str] = {}
+    for s in rows:
+        for m in cols:
+            if (s, m) == (0, 0):
+                entries[(s, m)] = DASH
+            elif (s, m) not in cells:
+                entries[(s, m)] = MISSING
+            else:
+                v = metric_value(cells[(s, m)], valset, region, metric)
+                entries[(s, m)] = NOT_AVAILABLE if v is None else v
+    return Grid(valset, region, metric, rows, cols, entries)
+
+
+def summary_metrics(cells: Cells, sets: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """Flat ``{"<valset>/<region>/<metric>/<cell>": raw value}`` of every primary model.
+
+    The names follow the MLflow metric names (``natural/boundary/mse``) plus the cell; the
+    values are raw (MSE not scaled), as in ``metrics/<cell>.json``.
+    """
+    out: dict[str, float] = {}
+    for valset, regions in sets.items():
+        for region in regions:
+            for metric in METRICS:
+                for (s, m), cell in sorted(cells.items()):
+                    v = metric_value(cell, valset, region, metric)
+                    if v is not None:
+                        out[f"{valset}/{region}/{metric}/{cell_name(s, m)}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------- findings
+
+CLAIMS = {
+    "F1": "Segmentation data makes the model robust on natural photos (mat-only models collapse).",
+    "F2": "Even the smallest matte budget sharply improves boundary-region error over seg-only.",
+    "F3": "The MLB student beats both the seg-only teacher and the fine-tuned teacher on natural photos.",
+}
+
+
+def _ref(cells: Cells, s: int, m: int, role: str | None, valset: str, region: str) -> dict[str, Any]:
+    cell = cells.get((s, m))
+    name = cell_name(s, m)
+    if cell is None:
+        return {"cell": name, "model": role, "mse": None, "mse_x1e3": None, "problem": f"{name} missing"}
+    role = role or primary_role(cell)
+    v = metric_value(cell, valset, region, "mse", role)
+    ref = {"cell": name, "model": role, "mse": v, "mse_x1e3": None if v is None else v * 1e3}
+    if v is None:
+        ref["problem"] = f"{name} has no {role} {valset}/{region} MSE"
+    return ref
+
+
+def _compare(label: str, region: str, candidate: dict, baseline: dict) -> dict[str, Any]:
+    """``candidate`` is expected to have the lower MSE."""
+    a, b = candidate["mse"], baseline["mse"]
+    out: dict[str, Any] = {"label": label, "region": region, "candidate": candidate, "baseline": baseline}
+    if a is None or b is None:
+        out["holds"] = None
+        out["problem"] = "; ".join(dict.fromkeys(r["problem"] for r in (candidate, baseline) if "problem" in r))
+        return out
+    out["holds"] = a < b
+    out["relative_improvement"] = (b - a) / b if b > 0 else None
+    out["ratio"] = b / a if a > 0 else None
+    return out
+
+
+def _status(n_tested: int, n_held: int, rule: str, why_untestable: str) -> tuple[str, str]:
+    if n_tested == 0:
+        return "not testable", why_untestable
+    if rule == "all":
+        return ("held" if n_held == n_tested else "not held"), ""
+    return ("held" if n_held * 2 > n_tested else "not held"), ""
+
+
+def _finding(fid: str, rule: str, valset: str, comparisons: list[dict], status: str, reason: str, **extra) -> dict:
+    tested = [c for c in comparisons if c.get("holds") is not None]
+    held = sum(bool(c["holds"]) for c in tested)
+    untested = [c for c in comparisons if c.get("holds") is None]
+    out = {
+        "id": fid,
+        "claim": CLAIMS[fid],
+        "status": status,
+        "rule": rule,
+        "set": valset,
+        "metric": "mse",
+        "tested": len(tested),
+        "held_count": held,
+        "comparisons": comparisons,
+        **extra,
+    }
+    out["summary"] = _summary_text(fid, tested, held, len(untested)) if tested else ""
+    if reason:
+        out["reason"] = reason
+    if untested and status != "not testable":
+        what = "both-cell(s)" if fid == "F3" else "comparison(s)"
+        out["note"] = f"{len(untested)} {what} not computable: " + "; ".join(c["problem"] for c in untested)
+    return out
+
+
+def _summary_text(fid: str, tested: list[dict], held: int, n_untested: int) -> str:
+    skipped = f" ({n_untested} not computable)" if n_untested else ""
+    if fid == "F3":
+        return f"student beats both teachers in {held} of {len(tested)} both-cells{skipped}"
+    what = "mat budgets" if fid == "F1" else "seg budgets"
+    region = "whole" if fid == "F1" else "boundary"
+    text = f"{held} of {len(tested)} {what}{skipped}"
+    rels = sorted(c["relative_improvement"] for c in tested if c.get("relative_improvement") is not None)
+    if rels and rels[0] >= 0:
+        lo, hi = rels[0], rels[-1]
+        span = f"{lo:.0%}" if round(lo, 2) == round(hi, 2) else f"{lo:.0%} to {hi:.0%}"
+        text += f"; {region} MSE lower by {span}"
+    elif rels:
+        changes = sorted(-r for r in rels)
+        text += f"; {region} MSE change {changes[0]:+.0%} to {changes[-1]:+.0%}"
+    return text
+
+
+def check_f1(cells: Cells, seg: Sequence[int], mat: Sequence[int], natural: str = "natural") -> dict[str, Any]:
+    """F1: for every mat budget M, (S_max, M) beats the mat-only (0, M) on natural whole MSE."""
+    rows, cols = grid_axes(seg, mat)
+    s_max = rows[-1]
+    comps = [
+        _compare(
+            f"mat {m}",
+            "whole",
+            _ref(cells, s_max, m, None, natural, "whole"),
+            _ref(cells, 0, m, None, natural, "whole"),
+        )
+        for m in cols[1:]
+    ]
+    rule = (
+        f"held if, for every mat budget M, the cell with the most seg labels (S={s_max}, M) has a lower "
+        f"`{natural}` whole-image MSE than the mat-only cell (0, M)"
+    )
+    tested = [c for c in comps if c["holds"] is not None]
+    status, reason = _status(
+        len(tested), sum(c["holds"] for c in tested), "all",
+        f"no pair of (S_max, M) and (0, M) cells with `{natural}` whole MSE",
+    )
+    return _finding("F1", rule, natural, comps, status, reason, s_max=s_max)
+
+
+def check_f2(cells: Cells, seg: Sequence[int], mat: Sequence[int], natural: str = "natural") -> dict[str, Any]:
+    """F2: for every seg budget S, (S, M_min) beats the seg-only (S, 0) on natural boundary MSE."""
+    rows, cols = grid_axes(seg, mat)
+    m_min = cols[1]
+    comps = [
+        _compare(
+            f"seg {s}",
+            "boundary",
+            _ref(cells, s, m_min, None, natural, "boundary"),
+            _ref(cells, s, 0, None, natural, "boundary"),
+        )
+        for s in rows[1:]
+    ]
+    rule = (
+        f"held if, for every seg budget S, adding the smallest matte budget (M={m_min}) lowers the "
+        f"`{natural}` boundary-region MSE of the seg-only cell (S, 0); the relative improvement is reported"
+    )
+    tested = [c for c in comps if c["holds"] is not None]
+    status, reason = _status(
+        len(tested), sum(c["holds"] for c in tested), "all",
+        f"no pair of (S, {m_min}) and (S, 0) cells with `{natural}` boundary MSE",
+    )
+    return _finding("F2", rule, natural, comps, status, reason, m_min=m_min)
+
+
+def check_f3(cells: Cells, seg: Sequence[int], mat: Sequence[int], natural: str = "natural") -> dict[str, Any]:
+    """F3: per both-cell, the student beats the seg-only teacher and the fine-tuned teacher.
+
+    Four comparisons per cell (whole and boundary MSE on ``natural``, against the (S, 0)
+    pre-trained model and against the cell's own fine-tuned ``teacher``); a cell holds when
+    all four do. The finding holds when a strict majority of the testable cells hold.
+    """
+    rows, cols = grid_axes(seg, mat)
+    per_cell: list[dict[str, Any]] = []
+    for s in rows[1:]:
+        for m in cols[1:]:
+            comps = []
+            for region in ("whole", "boundary"):
+                student = _ref(cells, s, m, "student", natural, region)
+                comps.append(_compare("vs seg-only teacher", region, student, _ref(cells, s, 0, None, natural, region)))
+                fine_tuned = _ref(cells, s, m, "teacher", natural, region)
+                comps.append(_compare("vs fine-tuned teacher", region, student, fine_tuned))
+            testable = all(c["holds"] is not None for c in comps)
+            entry = {
+                "cell": cell_name(s, m),
+                "holds": all(c["holds"] for c in comps) if testable else None,
+                "comparisons": comps,
+            }
+            if not testable:
+                problems = (p for c in comps if c["holds"] is None for p in c["problem"].split("; "))
+                entry["problem"] = "; ".join(dict.fromkeys(problems))
+            per_cell.append(entry)
+    tested = [c for c in per_cell if c["holds"] is not None]
+    held = sum(c["holds"] for c in tested)
+    rule = (
+        f"a both-cell (S, M) holds when its MLB student has a lower `{natural}` MSE, whole and boundary, "
+        "than both the seg-only teacher (the pre-trained model of (S, 0)) and the cell's fine-tuned "
+        "teacher (4 comparisons); the finding is held when a strict majority of the testable both-cells hold"
+    )
+    status, reason = _status(
+        len(tested), held, "majority", f"no both-cell with student, teacher and (S, 0) `{natural}` MSE"
+    )
+    out = _finding("F3", rule, natural, per_cell, status, reason, all_cells_hold=bool(tested) and held == len(tested))
+    return out
+
+
+def check_findings(cells: Cells, seg: Sequence[int], mat: Sequence[int], natural: str = "natural") -> list[dict]:
+    """F1, F2, F3 (METHOD.md §1) on these numbers; each with status held / not held / not testable."""
+    return [check_f1(cells, seg, mat, natural), check_f2(cells, seg, mat, natural), check_f3(cells, seg, mat, natural)]
+
+
+def finding_headline(finding: Mapping[str, Any]) -> str:
+    """One line: ``F2 held: 2/2 seg budgets, boundary MSE ×1e3 30.0 -> 12.0 (-60%) ...``."""
+    fid, status = finding["id"], finding["status"]
+    if status == "not testable":
+        return f"{fid} not testable: {finding.get('reason', '')}"
+    if fid == "F3":
+        n, k = finding["tested"], finding["held_count"]
+        return f"{fid} {status}: student beats both teachers (whole+boundary MSE) in {k}/{n} both-cells"
+    parts = []
+    for c in finding["comparisons"]:
+        if c["holds"] is None:
+            continue
+        a, b = c["candidate"]["mse_x1e3"], c["baseline"]["mse_x1e3"]
+        rel = c.get("relative_improvement")
+        rel_txt = f" ({-rel:+.0%})" if rel is not None else ""
+        parts.append(f"{c['label']}: {format_value(b)} -> {format_value(a)}{rel_txt}")
+    region = "whole" if fid == "F1" else "boundary"
+    return f"{fid} {status} ({finding['held_count']}/{finding['tested']}), {region} MSE x1e3: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- other methods
+
+
+def method_rows(cells: Cells, valset: str = "natural") -> list[dict[str, Any]]:
+    """Rows of the method comparison: each cell with ``methods`` gives its primary + each method.
+
+    Each row: cell, method, whole/boundary MSE (raw) and SAD, fps. Empty when no cell has
+    ``methods``.
+    """
+    rows: list[dict[str, Any]] = []
+    for (s, m), cell in sorted(cells.items()):
+        methods = cell.get("methods")
+        if not isinstance(methods, Mapping) or not methods:
+            continue
+        role = primary_role(cell)
+        model = (cell.get("models") or {}).get(role) or {}
+        entries = [(f"MLB ({role})", model)] + [(str(k), v) for k, v in methods.items() if isinstance(v, Mapping)]
+        for name, entry in entries:
+            sets = entry.get("sets")
+            fps = entry.get("fps")
+            rows.append(
+                {
+                    "cell": cell_name(s, m),
+                    "method": name,
+                    "whole_mse": _lookup(sets, valset, "whole", "mse"),
+                    "boundary_mse": _lookup(sets, valset, "boundary", "mse"),
+                    "whole_sad": _lookup(sets, valset, "whole", "sad"),
+                    "boundary_sad": _lookup(sets, valset, "boundary", "sad"),
+                    "fps": float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) else None,
+                }
+            )
+    return rows

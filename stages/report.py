@@ -1,0 +1,669 @@
+"""Stage ``report``: the study's tables, heatmaps, findings F1-F3 and an offline HTML page.
+
+Reads ``metrics/<cell>.json`` for every cell of the grid in params.yaml (``study.seg`` x
+``study.mat`` plus the 0 budgets, without (0, 0)) and writes ``reports/`` whole, built in a
+temporary sibling and renamed into place (a crash leaves the previous report intact)::
+
+    reports/index.html                         everything on one page; opens offline
+    reports/findings.json, findings.md         F1-F3: held / not held / not testable + figures
+    reports/summary.json                       flat {"<set>/<region>/<metric>/<cell>": raw value}
+    reports/tables/<set>-<region>-<metric>.csv/.md   the grid (rows seg, columns mat)
+    reports/heatmaps/<set>-<region>-<metric>.png     Figure-9-style heatmaps (mse, sad)
+    reports/plots/<set>-<region>-mse.csv       long format seg,mat,cell,mse_x1e3 (dvc plots)
+    reports/plots/<set>-<region>-mse/seg<S>.csv      one line per seg budget (dvc plots)
+
+Each cell shows its primary model (seg-only: pre-trained, mat-only: teacher, both: MLB
+student). MSE is printed x1e3 in tables and figures (raw in summary.json); SAD, Grad, Conn
+are /1000. A cell whose metrics file is missing is shown as "missing" and warned about.
+
+    python -m stages.report --params params.yaml [--metrics-dir metrics] [--out reports]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import html
+import json
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+
+from matting_core import report as core
+from stages import atomic
+from stages.config import ConfigError, Params, load_params
+
+DESCRIPTION = __doc__
+
+HEATMAP_METRICS: tuple[str, ...] = ("mse", "sad")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (study.seg / study.mat give the grid)")
+    parser.add_argument("--metrics-dir", default="metrics", help="folder of <cell>.json from the evaluate stage")
+    parser.add_argument("--out", default="reports", help="report folder; replaced whole")
+    parser.add_argument(
+        "--natural-set", default="natural", help="validation set that findings F1-F3 are checked on (default: natural)"
+    )
+    parser.add_argument(
+        "--heatmap-metrics",
+        nargs="+",
+        default=list(HEATMAP_METRICS),
+        choices=list(core.METRICS),
+        help="metrics drawn as heatmaps (tables are written for every metric)",
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedCells:
+    cells: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    paths: dict[tuple[int, int], Path] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # cell names with no usable file
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_cells(metrics_dir: Path, grid: Sequence[tuple[int, int]]) -> LoadedCells:
+    """Read ``<metrics_dir>/<cell>.json`` for each grid cell; absent or bad files become warnings."""
+    out = LoadedCells()
+    for s, m in grid:
+        name = core.cell_name(s, m)
+        path = metrics_dir / f"{name}.json"
+        if not path.is_file():
+            out.missing.append(name)
+            out.warnings.append(f"missing cell {name}: {path} not found")
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("models"), dict):
+                raise ValueError("no 'models' mapping")
+            if (int(record.get("seg_count", s)), int(record.get("mat_count", m))) != (s, m):
+                raise ValueError(f"it says seg_count={record.get('seg_count')}, mat_count={record.get('mat_count')}")
+        except (OSError, ValueError, TypeError) as err:
+            out.missing.append(name)
+            out.warnings.append(f"unreadable cell {name}: {path}: {err}")
+            continue
+        out.cells[(s, m)] = record
+        out.paths[(s, m)] = path
+    expected = {f"{core.cell_name(s, m)}.json" for s, m in grid}
+    if metrics_dir.is_dir():
+        extra = sorted(p.name for p in metrics_dir.glob("seg*-mat*.json") if p.name not in expected)
+        if extra:
+            out.warnings.append("ignored metrics files outside this grid: " + ", ".join(extra))
+    return out
+
+
+def _safe(name: str) -> str:
+    """A validation-set name as a file-name / HTML-id part."""
+    return core.safe_name(name)
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def render_heatmap(grid: core.Grid, path: Path) -> None:
+    """Figure-9-style heatmap: seg budget (rows) x mat budget (columns), annotated values."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    rows, cols = grid.seg, grid.mat
+    data = np.full((len(rows), len(cols)), np.nan)
+    for i, s in enumerate(rows):
+        for j, m in enumerate(cols):
+            v = grid.shown(s, m)
+            if v is not None:
+                data[i, j] = v
+    present = data[np.isfinite(data)]
+    log = bool(present.size >= 2 and present.min() > 0 and present.max() / present.min() > 20)
+    if present.size == 0:
+        norm = Normalize(0, 1)
+    elif log:
+        norm = LogNorm(present.min(), present.max())
+    else:
+        lo, hi = float(present.min()), float(present.max())
+        norm = Normalize(lo, hi if hi > lo else lo + 1e-12)
+    cmap = colormaps["YlOrRd"].with_extremes(bad="#eeeeee")
+
+    width = 2.6 + 1.05 * len(cols)
+    height = 1.9 + 0.62 * len(rows)
+    fig = Figure(figsize=(max(width, 5.2), max(height, 3.6)), dpi=130, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="auto")
+    ax.set_xticks(range(len(cols)), [core.format_budget(m) for m in cols])
+    ax.set_yticks(range(len(rows)), [core.format_budget(s) for s in rows])
+    ax.set_xlabel("matte labels (mat budget)")
+    ax.set_ylabel("segmentation labels (seg budget)")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xticks(np.arange(-0.5, len(cols)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    ax.tick_params(which="minor", length=0)
+    best = grid.best()
+    for i, s in enumerate(rows):
+        for j, m in enumerate(cols):
+            v = data[i, j]
+            if np.isfinite(v):
+                r, g, b, _ = cmap(norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                weight = "bold" if (s, m) == best else "normal"
+                ax.text(j, i, core.format_value(v), ha="center", va="center", fontsize=9.5,
+                        color="white" if dark else "#1a1a1a", fontweight=weight)
+            else:
+                ax.text(j, i, grid.text(s, m), ha="center", va="center", fontsize=9, color="#777777")
+    if best is not None:
+        i, j = rows.index(best[0]), cols.index(best[1])
+        ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, edgecolor="#1f4e9c", linewidth=2))
+    label = core.metric_label(grid.metric) + (" (log colour scale)" if log else "")
+    cbar = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
+    if log:
+        cbar.ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        cbar.ax.yaxis.set_minor_formatter(NullFormatter())
+    cbar.set_label(label)
+    cbar.outline.set_visible(False)
+    ax.set_title(f"{grid.valset} · {grid.region} region · {core.metric_label(grid.metric)}\n"
+                 "lower is better; best cell outlined", fontsize=10.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", metadata={"Software": None})
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def findings_markdown(findings: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["# Findings F1-F3 on this run", "",
+             "Checked on this run's numbers (METHOD.md §1). MSE is shown x1e3; lower is better.", ""]
+    for f in findings:
+        lines += [f"## {f['id']}: **{f['status']}**", "", f"_{f['claim']}_", "", f"Rule: {f['rule']}.", ""]
+        if f.get("reason"):
+            lines += [f"Not testable: {f['reason']}.", ""]
+        if f.get("note"):
+            lines += [f"Note: {f['note']}.", ""]
+        if f["id"] == "F3":
+            lines += ["| cell | student whole | seg-only teacher whole | fine-tuned teacher whole "
+                      "| student boundary | seg-only teacher boundary | fine-tuned teacher boundary | holds |",
+                      "|---|---:|---:|---:|---:|---:|---:|:---:|"]
+            for c in f["comparisons"]:
+                w_seg, w_ft, b_seg, b_ft = c["comparisons"]
+                vals = [w_seg["candidate"], w_seg["baseline"], w_ft["baseline"],
+                        b_seg["candidate"], b_seg["baseline"], b_ft["baseline"]]
+                lines.append(f"| {c['cell']} | " + " | ".join(_fmt_ref(v) for v in vals) + f" | {_mark(c['holds'])} |")
+            lines += ["", f"{f['held_count']} of {f['tested']} testable both-cells hold.", ""]
+        else:
+            budget = "mat budget" if f["id"] == "F1" else "seg budget"
+            lines += [f"| {budget} | cell (model) | MSE x1e3 | baseline (model) | MSE x1e3 | better by | holds |",
+                      "|---|---|---:|---|---:|---:|:---:|"]
+            for c in f["comparisons"]:
+                a, b = c["candidate"], c["baseline"]
+                lines.append(f"| {c['label']} | {a['cell']} ({a['model']}) | {_fmt_ref(a)} | {b['cell']} ({b['model']}) "
+                             f"| {_fmt_ref(b)} | {_fmt_rel(c)} | {_mark(c['holds'])} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt_ref(ref: Mapping[str, Any]) -> str:
+    v = ref.get("mse_x1e3")
+    return core.MISSING if v is None else core.format_value(v)
+
+
+def _fmt_rel(comp: Mapping[str, Any]) -> str:
+    rel = comp.get("relative_improvement")
+    return "" if rel is None else f"{rel:.0%}"
+
+
+def _mark(holds: bool | None) -> str:
+    return {True: "yes", False: "no", None: "n/a"}[holds]
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+:root{--ink:#1d2433;--muted:#5b6475;--line:#e3e6ec;--bg:#f6f7f9;--card:#fff;--accent:#1f4e9c;
+--ok:#17803d;--okbg:#e6f4ea;--bad:#b42318;--badbg:#fdecea;--na:#6b7280;--nabg:#eef0f3}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+color:var(--ink);background:var(--bg)}
+header{background:#15213a;color:#fff;padding:28px 40px 22px}
+header h1{margin:0 0 4px;font-size:26px;font-weight:650;letter-spacing:-.01em}
+header p{margin:0;color:#c6cfdf}
+nav{position:sticky;top:0;z-index:2;background:#fff;border-bottom:1px solid var(--line);padding:10px 40px;
+display:flex;flex-wrap:wrap;gap:6px 18px;font-size:14px}
+nav a{color:var(--accent);text-decoration:none}nav a:hover{text-decoration:underline}
+main{max-width:1240px;margin:0 auto;padding:24px 40px 60px}
+section{margin:0 0 34px}
+h2{font-size:21px;margin:0 0 12px;padding-bottom:6px;border-bottom:2px solid var(--line)}
+h3{font-size:16px;margin:20px 0 10px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:16px 20px;margin:0 0 14px}
+.finding h3{margin:0 0 6px;display:flex;align-items:center;gap:10px;flex-wrap:wrap}
+.finding h3 .sum{font-weight:500;font-size:14px;color:var(--muted)}
+.finding .cols{display:grid;grid-template-columns:minmax(240px,1fr) minmax(0,2.3fr);gap:8px 28px;align-items:start}
+@media (max-width:900px){.finding .cols{grid-template-columns:1fr}}
+.pill{display:inline-block;font-size:12px;font-weight:700;text-transform:uppercase;letter-spacing:.04em;
+border-radius:999px;padding:2px 10px}
+.pill.held{color:var(--ok);background:var(--okbg)}.pill.not-held{color:var(--bad);background:var(--badbg)}
+.pill.not-testable{color:var(--na);background:var(--nabg)}
+.claim{font-style:italic;margin:0 0 6px}.rule{color:var(--muted);font-size:13px;margin:0 0 10px}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:13.5px}
+th,td{padding:4px 8px;border-bottom:1px solid var(--line);text-align:right;white-space:nowrap}
+th{font-weight:600;color:var(--muted);background:#fafbfc}
+td.l,th.l{text-align:left}
+td.rowh{font-weight:600;color:var(--muted);background:#fafbfc}
+td.best{font-weight:700;color:var(--accent)}
+td.empty{color:#9aa1ad}
+td.yes{color:var(--ok);font-weight:700}td.no{color:var(--bad);font-weight:700}
+.scroll{overflow-x:auto}
+.figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:14px;margin-bottom:12px}
+.figs img{width:100%;height:auto;border:1px solid var(--line);border-radius:8px;background:#fff}
+.tables{display:grid;gap:12px}
+@media (max-width:800px){.tables{grid-template-columns:1fr!important}}
+.tables .card{padding:10px 12px;margin:0}.tables table{width:100%}
+.tables h4{margin:0 0 6px;font-size:13.5px}
+.dl{font-size:12px;color:var(--muted);margin-top:6px}.dl a{color:var(--accent)}
+.warn{background:#fff8e6;border:1px solid #f2d48a;border-radius:10px;padding:12px 18px;margin:0 0 20px}
+.warn h2{border:0;margin:0 0 6px;font-size:16px;padding:0}.warn ul{margin:0;padding-left:20px}
+.note{color:var(--muted);font-size:13px}
+pre{background:#0f172a;color:#e2e8f0;padding:14px 16px;border-radius:8px;overflow-x:auto;font-size:12.5px;line-height:1.45}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.92em}
+dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:4px 18px;margin:0}
+dl.kv dt{color:var(--muted)}dl.kv dd{margin:0}
+details summary{cursor:pointer;color:var(--accent);margin:8px 0}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _href(path: str) -> str:
+    return quote(path, safe="/.-_")
+
+
+def _grid_table(grid: core.Grid) -> str:
+    best = grid.best()
+    head = '<tr><th class="l">seg \\ mat</th>' + "".join(f"<th>{m}</th>" for m in grid.mat) + "</tr>"
+    body = []
+    for s in grid.seg:
+        tds = []
+        for m in grid.mat:
+            cls = "best" if (s, m) == best else ("empty" if grid.value(s, m) is None else "")
+            tds.append(f'<td class="{cls}">{_e(grid.text(s, m))}</td>')
+        body.append(f'<tr><td class="rowh">{s}</td>{"".join(tds)}</tr>')
+    return f'<div class="scroll"><table>{head}{"".join(body)}</table></div>'
+
+
+def _ref_td(ref: Mapping[str, Any]) -> str:
+    return f'<td class="{"empty" if ref.get("mse") is None else ""}">{_e(_fmt_ref(ref))}</td>'
+
+
+def _student_td(*comps: Mapping[str, Any]) -> str:
+    """The student's value, green when it beats both baselines, red when it does not."""
+    holds = [c["holds"] for c in comps]
+    cls = "empty" if None in holds else ("yes" if all(holds) else "no")
+    return f'<td class="{cls}">{_e(_fmt_ref(comps[0]["candidate"]))}</td>'
+
+
+def _finding_html(f: Mapping[str, Any]) -> str:
+    status = f["status"]
+    parts = [f'<div class="card finding" id="{_e(f["id"])}">',
+             f'<h3>{_e(f["id"])} <span class="pill {status.replace(" ", "-")}">{_e(status)}</span>'
+             f'<span class="sum">{_e(f.get("summary", ""))}</span></h3>',
+             '<div class="cols"><div>',
+             f'<p class="claim">{_e(f["claim"])}</p>',
+             f'<p class="rule">Rule: {_md_code(f["rule"])}.</p>']
+    if f.get("reason"):
+        parts.append(f'<p class="note">Not testable: {_md_code(f["reason"])}.</p>')
+    if f.get("note"):
+        parts.append(f'<p class="note">{_e(f["note"])}.</p>')
+    parts.append("</div><div>")
+    if f["id"] == "F3":
+        head = ('<tr><th class="l" rowspan="2">cell</th><th colspan="3">whole MSE ×1e3</th>'
+                '<th colspan="3">boundary MSE ×1e3</th><th rowspan="2">holds</th></tr>'
+                '<tr><th>student</th><th>seg-only</th><th>fine-tuned</th>'
+                '<th>student</th><th>seg-only</th><th>fine-tuned</th></tr>')
+        rows = []
+        for c in f["comparisons"]:
+            w_seg, w_ft, b_seg, b_ft = c["comparisons"]
+            tds = (
+                _student_td(w_seg, w_ft) + _ref_td(w_seg["baseline"]) + _ref_td(w_ft["baseline"])
+                + _student_td(b_seg, b_ft) + _ref_td(b_seg["baseline"]) + _ref_td(b_ft["baseline"])
+            )
+            mark = _mark(c["holds"])
+            rows.append(f'<tr><td class="l">{_e(c["cell"])}</td>{tds}<td class="{mark}">{mark}</td></tr>')
+        parts.append(f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>')
+        parts.append(f'<p class="note">{f["held_count"]} of {f["tested"]} testable both-cells hold. '
+                     "Seg-only teacher = the pre-trained model of (S, 0); fine-tuned teacher = the cell's own teacher.</p>")
+    else:
+        label = "mat budget" if f["id"] == "F1" else "seg budget"
+        head = (f'<tr><th class="l">{label}</th><th class="l">cell</th><th>MSE ×1e3</th>'
+                f'<th class="l">baseline</th><th>MSE ×1e3</th><th>better by</th><th>holds</th></tr>')
+        rows = []
+        for c in f["comparisons"]:
+            a, b = c["candidate"], c["baseline"]
+            mark = _mark(c["holds"])
+            rows.append(
+                f'<tr><td class="l">{_e(c["label"])}</td><td class="l">{_e(a["cell"])} <span class="note">'
+                f'{_e(a["model"] or "")}</span></td><td>{_e(_fmt_ref(a))}</td><td class="l">{_e(b["cell"])} '
+                f'<span class="note">{_e(b["model"] or "")}</span></td><td>{_e(_fmt_ref(b))}</td>'
+                f'<td>{_e(_fmt_rel(c))}</td><td class="{mark}">{mark}</td></tr>'
+            )
+        parts.append(f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>')
+    parts.append("</div></div></div>")
+    return "".join(parts)
+
+
+def _md_code(text: str) -> str:
+    """Escape ``text`` and render its `backtick` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(text))
+
+
+def _methods_html(rows: Sequence[Mapping[str, Any]], natural: str) -> str:
+    head = ('<tr><th class="l">cell</th><th class="l">method</th><th>whole MSE ×1e3</th><th>boundary MSE ×1e3</th>'
+            "<th>whole SAD /1e3</th><th>boundary SAD /1e3</th><th>FPS</th></tr>")
+
+    def num(v: float | None, scale: float = 1.0, digits: int | None = None) -> str:
+        if v is None:
+            return '<td class="empty">n/a</td>'
+        return f"<td>{_e(f'{v * scale:.{digits}f}' if digits is not None else core.format_value(v * scale))}</td>"
+
+    body = "".join(
+        f'<tr><td class="l">{_e(r["cell"])}</td><td class="l">{_e(r["method"])}</td>'
+        + num(r["whole_mse"], 1e3) + num(r["boundary_mse"], 1e3) + num(r["whole_sad"]) + num(r["boundary_sad"])
+        + num(r["fps"], digits=1) + "</tr>"
+        for r in rows
+    )
+    return (f'<section id="methods"><h2>Method comparison</h2><p class="note">On the <code>{_e(natural)}</code> set; '
+            f'lower is better except FPS.</p><div class="card scroll"><table>{head}{body}</table></div></section>')
+
+
+def _cells_html(loaded: LoadedCells, grid_cells: Sequence[tuple[int, int]]) -> str:
+    head = ('<tr><th class="l">cell</th><th class="l">kind</th><th class="l">primary</th><th class="l">network</th>'
+            '<th>params</th><th>FPS</th><th class="l">sets (n)</th><th class="l">checkpoint</th></tr>')
+    rows = []
+    for s, m in grid_cells:
+        name = core.cell_name(s, m)
+        cell = loaded.cells.get((s, m))
+        if cell is None:
+            rows.append(f'<tr><td class="l">{name}</td><td class="l">{core.cell_kind(s, m)}</td>'
+                        f'<td class="l empty" colspan="6">missing</td></tr>')
+            continue
+        role = core.primary_role(cell)
+        model = cell["models"].get(role) or {}
+        sets = model.get("sets") or {}
+        set_txt = ", ".join(f"{k} ({v.get('n', '?')})" for k, v in sets.items() if isinstance(v, Mapping))
+        params = model.get("params")
+        fps = model.get("fps")
+        rows.append(
+            f'<tr><td class="l">{name}</td><td class="l">{_e(cell.get("kind") or core.cell_kind(s, m))}</td>'
+            f'<td class="l">{_e(role)}</td><td class="l">{_e(model.get("network", ""))}</td>'
+            f'<td>{_e(f"{params:,}" if isinstance(params, int) else "")}</td>'
+            f'<td>{_e(f"{fps:.1f}" if isinstance(fps, (int, float)) else "")}</td>'
+            f'<td class="l">{_e(set_txt)}</td><td class="l"><code>{_e(model.get("checkpoint", ""))}</code></td></tr>'
+        )
+    return f'<div class="card scroll"><table>{head}{"".join(rows)}</table></div>'
+
+
+def _table_columns(n_tables: int, n_mat: int, content_px: int = 1160) -> int:
+    """Tables per row: all in one row when they fit, else two, else one (no ragged last row)."""
+    need = 96 + 60 * (n_mat + 1)
+    for k in (n_tables, 2, 1):
+        if k * need + (k - 1) * 12 <= content_px:
+            return k
+    return 1
+
+
+@dataclass
+class SetSection:
+    valset: str
+    regions: list[str]
+    grids: dict[tuple[str, str], core.Grid]  # (region, metric) -> grid
+    heatmaps: dict[tuple[str, str], str]  # (region, metric) -> relative png path
+
+
+def render_html(
+    *,
+    sections: Sequence[SetSection],
+    findings: Sequence[Mapping[str, Any]],
+    loaded: LoadedCells,
+    grid_cells: Sequence[tuple[int, int]],
+    params: Params,
+    command: str,
+    metrics_dir: str,
+    natural: str,
+    methods: Sequence[Mapping[str, Any]],
+    generated: str,
+) -> str:
+    study = params.study
+    n_cells = len(grid_cells)
+    nav = ['<a href="#findings">Findings</a>'] + [
+        f'<a href="#set-{_e(_safe(sec.valset))}">{_e(sec.valset)}</a>' for sec in sections
+    ]
+    if methods:
+        nav.append('<a href="#methods">Methods</a>')
+    nav += ['<a href="#cells">Cells</a>', '<a href="#provenance">How this was produced</a>']
+
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Label-efficiency study · {_e(study.experiment)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<header><h1>Label-efficiency study</h1>",
+        f"<p>{_e(study.experiment)} · {len(loaded.cells)} of {n_cells} cells · "
+        f"seg {{0, {_e(', '.join(map(str, study.seg)))}}} × mat {{0, {_e(', '.join(map(str, study.mat)))}}} · "
+        f"network {_e(params.model.network)} · generated {_e(generated)}</p></header>",
+        f'<nav>{"".join(nav)}</nav><main>',
+    ]
+    if loaded.warnings:
+        items = "".join(f"<li>{_e(w)}</li>" for w in loaded.warnings)
+        out.append(f'<div class="warn" id="warnings"><h2>Warnings</h2><ul>{items}</ul></div>')
+
+    out.append('<section id="findings"><h2>Findings F1–F3 on this run</h2>')
+    out.append(f'<p class="note">The paper\'s findings (METHOD.md §1), checked on the <code>{_e(natural)}</code> set. '
+               "MSE ×1e3, lower is better.</p>")
+    out.append("".join(_finding_html(f) for f in findings) + "</section>")
+
+    for sec in sections:
+        sid = _safe(sec.valset)
+        out.append(f'<section id="set-{_e(sid)}"><h2>Validation set <code>{_e(sec.valset)}</code></h2>')
+        out.append('<p class="note">Rows: segmentation labels; columns: matte labels. Each cell is its primary '
+                   "model (seg-only: pre-trained, mat-only: teacher from scratch, both: MLB student). "
+                   "MSE ×1e3; SAD, Grad, Conn /1e3; lower is better, best in blue; — = (0, 0), not in the study.</p>")
+        for region in sec.regions:
+            out.append(f'<h3 id="{_e(sid)}-{_e(region)}">{_e(region)} region</h3>')
+            imgs = [
+                f'<img src="{_href(sec.heatmaps[(region, metric)])}" alt="{_e(sec.valset)} {_e(region)} '
+                f'{_e(core.metric_label(metric))} heatmap" loading="lazy">'
+                for metric in core.METRICS
+                if (region, metric) in sec.heatmaps
+            ]
+            if imgs:
+                wide = len(sec.grids[(region, "mse")].mat) > 4  # big grids: one heatmap per row
+                style = ' style="grid-template-columns:minmax(0,960px)"' if wide else ""
+                out.append(f'<div class="figs"{style}>' + "".join(imgs) + "</div>")
+            cards = []
+            for metric in core.METRICS:
+                grid = sec.grids[(region, metric)]
+                dl = (f'<div class="dl"><a href="{_href("tables/" + grid.stem + ".csv")}">CSV</a> · '
+                      f'<a href="{_href("tables/" + grid.stem + ".md")}">Markdown</a></div>')
+                cards.append(f'<div class="card"><h4>{_e(core.metric_label(metric))}</h4>{_grid_table(grid)}{dl}</div>')
+            k = _table_columns(len(cards), len(sec.grids[(region, "mse")].mat))
+            out.append(f'<div class="tables" style="grid-template-columns:repeat({k},minmax(0,1fr))">'
+                       + "".join(cards) + "</div>")
+        out.append("</section>")
+
+    if methods:
+        out.append(_methods_html(methods, natural))
+
+    out.append('<section id="cells"><h2>Cells</h2>')
+    out.append(_cells_html(loaded, grid_cells))
+    out.append("</section>")
+
+    params_yaml = yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    files = [("findings.json", "findings"), ("findings.md", "findings (Markdown)"), ("summary.json", "flat metrics")]
+    file_links = " · ".join(f'<a href="{_href(p)}">{_e(label)}</a>' for p, label in files)
+    out.append('<section id="provenance"><h2>How this was produced</h2><div class="card"><dl class="kv">')
+    out.append(f"<dt>command</dt><dd><code>{_e(command)}</code></dd>")
+    out.append(f"<dt>grid</dt><dd>seg {{0, {_e(', '.join(map(str, study.seg)))}}} × "
+               f"mat {{0, {_e(', '.join(map(str, study.mat)))}}} without (0, 0): {n_cells} cells "
+               f"({len(loaded.cells)} found)</dd>")
+    out.append(f"<dt>inputs</dt><dd><code>{_e(metrics_dir)}/&lt;cell&gt;.json</code> from the evaluate stage</dd>")
+    out.append(f"<dt>training</dt><dd>pretrain {params.train.pretrain.iters} iters @ lr {params.train.pretrain.lr:g}, "
+               f"teacher {params.train.teacher.iters} @ {params.train.teacher.lr:g}, "
+               f"student {params.train.student.iters} @ {params.train.student.lr:g} "
+               f"({_e(params.train.student.label_mode)} labels, {_e(params.train.student.blend.mode)} β)</dd>")
+    out.append(f"<dt>data</dt><dd>{_e(params.data.source)}; evaluation at shorter side {params.evaluate.short_side}</dd>")
+    out.append(f"<dt>files</dt><dd>{file_links}</dd>")
+    out.append(f"<dt>generated</dt><dd>{_e(generated)}</dd></dl>")
+    out.append(f"<details><summary>all parameters (params.yaml, validated)</summary><pre>{_e(params_yaml)}</pre></details>")
+    out.append("</div></section></main></body></html>")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class ReportResult:
+    findings: list[dict[str, Any]]
+    warnings: list[str]
+    cells_found: int
+    cells_expected: int
+    out: Path
+
+
+def build_report(
+    params: Params,
+    metrics_dir: str | Path,
+    out: str | Path,
+    *,
+    natural: str = "natural",
+    heatmap_metrics: Sequence[str] = HEATMAP_METRICS,
+    command: str = "python -m stages.report",
+) -> ReportResult:
+    """Write the whole report folder atomically; returns the findings and warnings."""
+    metrics_dir, out = Path(metrics_dir), Path(out)
+    study = params.study
+    grid_cells = study.cells()
+    loaded = load_cells(metrics_dir, grid_cells)
+    if not loaded.cells:
+        raise FileNotFoundError(
+            f"no metrics file for any of the {len(grid_cells)} cells in {metrics_dir}/ "
+            f"(expected e.g. {metrics_dir}/{core.cell_name(*grid_cells[0])}.json); run the evaluate stage first"
+        )
+    sets = core.discover_sets(loaded.cells, preferred=(natural, "composited"))
+    for (s, m), cell in sorted(loaded.cells.items()):
+        model = cell["models"].get(core.primary_role(cell)) or {}
+        lacking = [v for v in sets if v not in (model.get("sets") or {})]
+        if lacking:
+            loaded.warnings.append(f"cell {core.cell_name(s, m)} has no {', '.join(lacking)} results (shown as n/a)")
+    findings = core.check_findings(loaded.cells, study.seg, study.mat, natural)
+    methods = core.method_rows(loaded.cells, natural)
+    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    with atomic.atomic_dir(out) as tmp:
+        sections: list[SetSection] = []
+        for valset, regions in sets.items():
+            sec = SetSection(valset, regions, {}, {})
+            for region in regions:
+                for metric in core.METRICS:
+                    grid = core.build_grid(loaded.cells, study.seg, study.mat, valset, region, metric)
+                    sec.grids[(region, metric)] = grid
+                    (tmp / "tables").mkdir(exist_ok=True)
+                    (tmp / "tables" / f"{grid.stem}.csv").write_text(grid.to_csv(), encoding="utf-8")
+                    (tmp / "tables" / f"{grid.stem}.md").write_text(grid.to_markdown(), encoding="utf-8")
+                    if metric in heatmap_metrics:
+                        rel = f"heatmaps/{grid.stem}.png"
+                        render_heatmap(grid, tmp / rel)
+                        sec.heatmaps[(region, metric)] = rel
+                _write_plots(tmp / "plots", sec.grids[(region, "mse")])
+            sections.append(sec)
+
+        (tmp / "summary.json").write_text(
+            json.dumps(core.summary_metrics(loaded.cells, sets), indent=2) + "\n", encoding="utf-8"
+        )
+        findings_doc = {
+            "set": natural,
+            "grid": {"seg": [0, *study.seg], "mat": [0, *study.mat]},
+            "cells_found": len(loaded.cells),
+            "cells_expected": len(grid_cells),
+            "missing": loaded.missing,
+            "findings": findings,
+        }
+        (tmp / "findings.json").write_text(json.dumps(findings_doc, indent=2) + "\n", encoding="utf-8")
+        (tmp / "findings.md").write_text(findings_markdown(findings), encoding="utf-8")
+        page = render_html(
+            sections=sections, findings=findings, loaded=loaded, grid_cells=grid_cells, params=params,
+            command=command, metrics_dir=str(metrics_dir), natural=natural, methods=methods, generated=generated,
+        )
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+    return ReportResult(findings, loaded.warnings, len(loaded.cells), len(grid_cells), out)
+
+
+def _write_plots(folder: Path, grid: core.Grid) -> None:
+    """Long ``<stem>.csv`` (seg,mat,cell,mse_x1e3) and one ``<stem>/seg<S>.csv`` per seg budget."""
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = grid.long_rows()
+    with open(folder / f"{grid.stem}.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["seg", "mat", "cell", "mse_x1e3"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    per_seg = folder / grid.stem
+    per_seg.mkdir(exist_ok=True)
+    for s in grid.seg:
+        line = [r for r in rows if r["seg"] == s]
+        if not line:
+            continue
+        with open(per_seg / f"seg{s}.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["mat", "mse_x1e3"], lineterminator="\n", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(line)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        params = load_params(args.params)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    command = "python -m stages.report " + " ".join(
+        shlex.quote(a) for a in ("--params", args.params, "--metrics-dir", args.metrics_dir, "--out", args.out)
+    )
+    try:
+        result = build_report(
+            params, args.metrics_dir, args.out, natural=args.natural_set,
+            heatmap_metrics=args.heatmap_metrics, command=command,
+        )
+    except FileNotFoundError as err:
+        print(f"report: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {result.cells_found}/{result.cells_expected} cells -> {result.out / 'index.html'}")
+    for f in result.findings:
+        print("  " + core.finding_headline(f))
+    for w in result.warnings:
+        print(f"  warning: {w}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from stages.cli import run_module
+
+    run_module("report")
