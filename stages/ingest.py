@@ -186,7 +186,14 @@ def discover(source: SetSource) -> tuple[list[Candidate], list[dict], int]:
         n_files += len(files)
         rgba_stems = _group_by_stem(files, rgba_dir)
     if n_files == 0:
-        raise IngestError(f"{source.param_key}: folder {root} is empty (no files found)")
+        raise IngestError(f"{source.param_key}: folder {root} is empty (no files found in its layout folders)")
+    # files beside the layout folders (a README, a misspelt masks/ folder) are reported, not used
+    layout_dirs = [role_dirs[r] for r in (primary, *required, *optional)] + ([rgba_dir] if use_rgba else [])
+    expected = " + ".join(f"{d.name}/" for d in layout_dirs if d.is_dir())
+    for f in _list_files(root):
+        if not any(d == f.parent or d in f.parents for d in layout_dirs if d.is_dir()):
+            q(f, f"outside the set layout (expected {expected}); not used")
+            n_files += 1
 
     cands: list[Candidate] = []
     for stem in sorted(set(layouts) | set(rgba_stems)):

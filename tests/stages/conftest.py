@@ -149,6 +149,8 @@ def messy_tree(root: Path) -> dict:
     save(s / "image" / "bad mask.png", rgb(H, W, 21))
     bad[str(save_truncated(s / "mask" / "bad mask.png", disc_mask(H, W) * 255))] = "truncated"
     bad[str(s / "image" / "bad mask.png")] = "partner mask"
+    (s / "README.txt").write_text("a file beside image/ and mask/\n")
+    bad[str(s / "README.txt")] = "outside the set layout"
 
     # ---- val: image/ + alpha/ + trimap/
     v = root / "val"

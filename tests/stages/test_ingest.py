@@ -115,7 +115,7 @@ def test_cli_prints_summary_and_shards_round_trip(tmp_path, messy, capsys):
     header = table.splitlines()[0].split()
     assert header == ["set", "found", "accepted", "quarantined", "converted", "conversions"]
     seg_row = next(line for line in table.splitlines() if line.startswith("seg "))
-    assert seg_row.split()[1:4] == ["20", "8", "4"]  # 20 files: 8 pairs, 2 orphans, 1 bad pair
+    assert seg_row.split()[1:4] == ["21", "8", "5"]  # 21 files: 8 pairs, 2 orphans, 1 bad pair, 1 stray
 
     assert matting(["shard", *args]) == 0
     manifest = ingest.read_manifest(data_root)
