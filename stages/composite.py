@@ -49,6 +49,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import matting_core.compositing
+from matting_core.compositing import composite, composite_two_instances, fit_background, layer_two_instances
 from stages import shards
 from stages.config import CompositeConfig, load_params
 from stages.ingest import default_workers
@@ -172,8 +174,6 @@ def render(job: dict, payload: dict, cfg: CompositeConfig) -> dict[str, tuple[st
     ``payload``: ``{"fg": [members of fg_keys[0], (partner)], "bg": (ext, bytes)}`` with the
     matte members ``fg``/``alpha`` as stored in the matte shards.
     """
-    from matting_core.compositing import composite, composite_two_instances, fit_background, layer_two_instances
-
     rng = np.random.default_rng(job["seed"])
     target = payload["fg"][0]
     fg_u8 = shards.decode_member("fg", *target["fg"])
@@ -256,9 +256,7 @@ def fingerprint(matte_index: dict, background_index: dict, cfg: CompositeConfig,
     here = Path(__file__).parent
     for name in _CODE_FILES:
         h.update((here / name).read_bytes())
-    import matting_core.compositing as compositing
-
-    h.update(Path(compositing.__file__).read_bytes())
+    h.update(Path(matting_core.compositing.__file__).read_bytes())
     return h.hexdigest()
 
 

@@ -484,10 +484,6 @@ def configured_sets(data: DataConfig, ingest_dir: Path) -> list[SetSource]:
     return sets
 
 
-def _validate_job(cand: Candidate) -> tuple[dict | None, list[dict]]:
-    return _validate(cand)
-
-
 def ingest(
     data: DataConfig, data_root: str | Path = "data", workers: int | None = None, progress: bool = True
 ) -> dict[str, SetReport]:
@@ -514,7 +510,7 @@ def ingest(
     quarantine: list[dict] = []
     empty_sets: list[str] = []
     total = sum(len(c) for _, c, _, _ in discovered)
-    results = iter(parallel_map(_validate_job, [c for _, cands, _, _ in discovered for c in cands],
+    results = iter(parallel_map(_validate, [c for _, cands, _, _ in discovered for c in cands],
                                 workers=workers, desc="ingest", progress=progress, total=total))
     for source, cands, early_q, n_files in discovered:
         rep = reports[source.name] = SetReport(files=n_files)

@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-RNG_SEED = 1234
-
 
 def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth, deterministic RGB uint8 test image (gradients + a block, compresses well)."""
