@@ -264,6 +264,40 @@ def test_teacher_resume_continues_at_saved_step_with_the_same_losses(world):
     assert MlflowClient().get_run(failed_run).info.status == "FINISHED"
 
 
+def test_sigkilled_process_resumes_from_its_last_state(world, pretrained, capsys):
+    """A real kill: SIGKILL the stage process once a state exists, re-run, it continues."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = make_params(pretrain={"iters": 30, "checkpoint_every": 2})
+    params_file = world["root"] / "params-kill.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    models = world["root"] / "killed-models"
+    cmd = ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(world["data"]),
+           "--models-root", str(models), "--device", "cpu"]
+    state = models / "pretrain" / f"seg{SEG}" / "state.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *cmd], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.exists(), "the stage never wrote a resumable state"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    saved = read_checkpoint(state)["step"]
+    assert 2 <= saved < 30 and not (state.parent / "model.pt").exists()
+    assert main(["pretrain", *cmd]) == 0
+    assert f"resuming {state} at step {saved}/30" in capsys.readouterr().out
+    _, info = load_model(state.parent / "model.pt")
+    assert info["extra"]["step"] == 30 and not state.exists()
+
+
 def test_a_state_from_another_configuration_is_not_resumed(world):
     raw = make_params(teacher={"iters": 4, "checkpoint_every": 2})
     root = world["root"] / "resume-other"
