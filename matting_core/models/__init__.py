@@ -11,17 +11,17 @@
 ``build_network_from_spec(spec)`` turns it back into a module.
 
 Parameter counts (``count_parameters``; trainable, default arguments; tested). Of unet_r18's
-16.3 M, the encoder holds 11.18 M, the ASPP 4.13 M and decoder + heads 0.99 M:
+17.87 M, the encoder holds 11.18 M, the ASPP 4.13 M and decoder + heads 2.56 M:
 
 ================  ===========
 name              parameters
 ================  ===========
-unet_r18x0.25         1.02 M
-unet_r18x0.5          4.08 M
-unet_r18             16.30 M
-unet_r34             26.41 M
-unet_r50             41.20 M
-unet_r101            60.19 M
+unet_r18x0.25         1.12 M
+unet_r18x0.5          4.47 M
+unet_r18             17.87 M
+unet_r34             27.98 M
+unet_r50             43.93 M
+unet_r101            62.92 M
 ================  ===========
 """
 

@@ -11,9 +11,11 @@ Branches, each producing ``out_channels`` maps at the input's resolution:
 
 The concatenation is projected by 1x1 conv + BN + ReLU to ``out_channels``.
 
-Rates (project choice, params ``aspp_rates``): (3, 6, 9) at output stride 16. DeepLab uses
-(6, 12, 18) for 33x33 maps (513-px crops at stride 16); matting crops here are 128–512 px,
-i.e. 8–32 px maps at stride 16, so the rates are halved to keep most taps inside the map.
+Rates (project choice, params ``aspp_rates``): (3, 6, 9) at output stride 32. DeepLabv3 uses
+(6, 12, 18) at output stride 16 and doubles them at stride 8; halving them for stride 32
+keeps the same field of view in image pixels (±96…±288 px). A 512-px input gives a 16x16
+map there, so rate 9 still has taps inside the map; at small training crops (128–320 px,
+4–10 px maps) the larger rates mostly see the zero padding, as in DeepLab.
 """
 
 from __future__ import annotations

@@ -2,26 +2,29 @@
 
 Differences from the ImageNet ResNet (He et al., 2016):
 
-* the stem's 3x3/2 max-pool is **removed** (METHOD.md §1): the stem conv 7x7/2 + BN + ReLU
-  is followed directly by ``layer1``, so every later stage runs at twice the resolution of
-  the classic network and the deepest features sit at output stride 16, not 32;
+* the stem's 3x3/2 max-pool is **removed** (METHOD.md §1). Its down-sampling moves into
+  ``layer1``, whose first block is strided (stride 2 in its 3x3 conv and its 1x1 projection
+  shortcut), so the feature pyramid keeps the classic strides 2/4/8/16/32 and the classic
+  cost, but the stride-2 → stride-4 step is learned instead of a fixed max;
 * every channel count is multiplied by ``width`` (``scaled_channels``); ×0.5 is the
   real-time student, ×0.25 the tiny test network.
 
-Feature levels returned by :meth:`ResNetBackbone.forward` (``C`` = ``round(c * width)``;
+Feature levels returned by :meth:`ResNetBackbone.forward` (``C(c)`` = ``round(c * width)``;
 ``e`` = 1 for BasicBlock (R18/R34), 4 for Bottleneck (R50/R101)):
 
 =====  ===========  ======  =============
 level  module       stride  channels
 =====  ===========  ======  =============
 0      stem         2       C(64)
-1      layer1       2       C(64)·e
-2      layer2       4       C(128)·e
-3      layer3       8       C(256)·e
-4      layer4       16      C(512)·e
+1      layer1       4       C(64)·e
+2      layer2       8       C(128)·e
+3      layer3       16      C(256)·e
+4      layer4       32      C(512)·e
 =====  ===========  ======  =============
 
-``feature_strides`` and ``feature_channels`` hold these numbers for the decoder.
+``feature_strides`` and ``feature_channels`` hold these numbers for the decoder. With
+BasicBlocks the strided first block of layer1 adds a 1x1 projection shortcut (C(64)² + BN)
+that torchvision's ResNet-18/34 do not have; Bottleneck layer1 has one anyway.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ class ResNetBackbone(nn.Module):
         width: channel multiplier (> 0) applied to every convolution.
         in_channels: input channels (3 for RGB).
 
-    Shapes: ``x`` (N, in_channels, H, W) with H, W divisible by 16 →
+    Shapes: ``x`` (N, in_channels, H, W) with H, W divisible by 32 →
     list of 5 tensors (N, feature_channels[i], H / feature_strides[i], W / feature_strides[i]).
     """
 
@@ -153,7 +156,7 @@ class ResNetBackbone(nn.Module):
         )  # no max-pool (METHOD.md §1)
 
         planes = [scaled_channels(c, width) for c in (64, 128, 256, 512)]
-        strides = (1, 2, 2, 2)
+        strides = (2, 2, 2, 2)  # layer1 strided: it replaces the removed max-pool
         in_ch = stem_ch
         stages = []
         for n_blocks, p, s in zip(layout.blocks_per_stage, planes, strides):
@@ -164,8 +167,8 @@ class ResNetBackbone(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
         self.feature_channels: tuple[int, ...] = (stem_ch, *(p * expansion for p in planes))
-        self.feature_strides: tuple[int, ...] = (2, 2, 4, 8, 16)
-        self.output_stride = 16
+        self.feature_strides: tuple[int, ...] = (2, 4, 8, 16, 32)
+        self.output_stride = 32
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

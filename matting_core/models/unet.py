@@ -5,16 +5,21 @@ Data flow (``C(c)`` = ``round(c * width)``; strides relative to the padded input
     image (N,3,H,W) RGB in [0,1]
       → normalise with ImageNet mean/std (buffers)
       → replicate-pad bottom/right to a multiple of ``pad_multiple`` (default 32)
-      → ResNet encoder (no stem max-pool): f0 stem s2, f1 layer1 s2, f2 layer2 s4,
-        f3 layer3 s8, f4 layer4 s16
-      → ASPP(f4)                                  s16, C(256)
-      → up×2, cat f3        → 2×(conv3x3-BN-ReLU)  s8,  C(128)
-      → up×2, cat f2        → 2×(conv3x3-BN-ReLU)  s4,  C(64)
-      → up×2, cat f1, f0    → 2×(conv3x3-BN-ReLU)  s2,  C(32)
+      → ResNet encoder (stem max-pool removed, layer1 strided): f0 stem s2, f1 layer1 s4,
+        f2 layer2 s8, f3 layer3 s16, f4 layer4 s32
+      → ASPP(f4)                                  s32, C(256)
+      → up×2, cat f3        → 2×(conv3x3-BN-ReLU)  s16, C(256)
+      → up×2, cat f2        → 2×(conv3x3-BN-ReLU)  s8,  C(128)
+      → up×2, cat f1        → 2×(conv3x3-BN-ReLU)  s4,  C(64)
+      → up×2, cat f0        → 2×(conv3x3-BN-ReLU)  s2,  C(32)
       → up×2, cat normalised image → 2×(conv3x3-BN-ReLU) s1, C(16)
       → matte head: conv3x3 → sigmoid → alpha (N,1,H,W) in [0,1]
       → boundary head: conv3x3 → boundary_logits (N,1,H,W) (sigmoid = P(0.05 < α < 0.95))
       → crop back to (H, W)
+
+Decoder widths (256, 128, 64, 32, 16) are the common U-Net defaults (project choice,
+``decoder_channels``); the full-resolution skip is the normalised image itself, so the
+heads see pixel-level colour edges for hair and fine boundaries.
 
 Export notes (STYLE.md §8): the pad amounts are ``(-H) % pad_multiple`` on the (symbolic)
 input size, upsampling uses a fixed ``scale_factor=2`` (exact because the padded size is a
@@ -36,7 +41,7 @@ __all__ = ["UNetMatting", "AlphaOnly", "IMAGENET_MEAN", "IMAGENET_STD", "pad_to_
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16)
+DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -77,8 +82,8 @@ class UNetMatting(nn.Module):
         width: channel multiplier on every layer (encoder, ASPP, decoder).
         aspp_rates: ASPP dilation rates (see ``aspp.py``).
         aspp_channels: ASPP width before the multiplier (default 256).
-        decoder_channels: the four decoder widths (strides 8, 4, 2, 1) before the multiplier.
-        pad_multiple: inputs are padded to a multiple of this (must be a multiple of 16).
+        decoder_channels: the five decoder widths (strides 16, 8, 4, 2, 1) before the multiplier.
+        pad_multiple: inputs are padded to a multiple of this (must be a multiple of 32).
 
     ``forward(image)``: image (N, 3, H, W) float RGB in [0, 1], any H, W ≥ 1 →
     ``{"alpha": (N, 1, H, W) in [0, 1], "boundary_logits": (N, 1, H, W)}``.
@@ -95,8 +100,8 @@ class UNetMatting(nn.Module):
     ) -> None:
         super().__init__()
         decoder_channels = tuple(int(c) for c in decoder_channels)
-        if len(decoder_channels) != 4:
-            raise ValueError(f"decoder_channels needs 4 entries (strides 8, 4, 2, 1), got {decoder_channels}")
+        if len(decoder_channels) != 5:
+            raise ValueError(f"decoder_channels needs 5 entries (strides 16, 8, 4, 2, 1), got {decoder_channels}")
         self.encoder = ResNetBackbone(depth=depth, width=width)
         if pad_multiple <= 0 or pad_multiple % self.encoder.output_stride:
             raise ValueError(
@@ -109,18 +114,19 @@ class UNetMatting(nn.Module):
 
         fc = self.encoder.feature_channels
         aspp_ch = scaled_channels(aspp_channels, width)
-        d8, d4, d2, d1 = (scaled_channels(c, width) for c in decoder_channels)
+        d16, d8, d4, d2, d1 = (scaled_channels(c, width) for c in decoder_channels)
         self.aspp = ASPP(fc[4], aspp_ch, aspp_rates)
-        self.dec8 = _DecoderBlock(aspp_ch, fc[3], d8)
-        self.dec4 = _DecoderBlock(d8, fc[2], d4)
-        self.dec2 = _DecoderBlock(d4, fc[1] + fc[0], d2)
+        self.dec16 = _DecoderBlock(aspp_ch, fc[3], d16)
+        self.dec8 = _DecoderBlock(d16, fc[2], d8)
+        self.dec4 = _DecoderBlock(d8, fc[1], d4)
+        self.dec2 = _DecoderBlock(d4, fc[0], d2)
         self.dec1 = _DecoderBlock(d2, 3, d1)
         self.alpha_head = nn.Conv2d(d1, 1, 3, padding=1)
         self.boundary_head = nn.Conv2d(d1, 1, 3, padding=1)
         self._init_decoder()
 
     def _init_decoder(self) -> None:
-        for module in (self.aspp, self.dec8, self.dec4, self.dec2, self.dec1, self.alpha_head, self.boundary_head):
+        for module in (self.aspp, self.dec16, self.dec8, self.dec4, self.dec2, self.dec1, self.alpha_head, self.boundary_head):
             for m in module.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -142,9 +148,10 @@ class UNetMatting(nn.Module):
         x = pad_to_multiple(x, self.pad_multiple)
         f0, f1, f2, f3, f4 = self.encoder(x)
         y = self.aspp(f4)
-        y = self.dec8(y, [f3])
-        y = self.dec4(y, [f2])
-        y = self.dec2(y, [f1, f0])
+        y = self.dec16(y, [f3])
+        y = self.dec8(y, [f2])
+        y = self.dec4(y, [f1])
+        y = self.dec2(y, [f0])
         y = self.dec1(y, [x])
         alpha = torch.sigmoid(self.alpha_head(y))[:, :, :height, :width]
         boundary_logits = self.boundary_head(y)[:, :, :height, :width]

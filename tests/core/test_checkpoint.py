@@ -96,7 +96,7 @@ def test_foreign_files_are_rejected(tmp_path):
 
 def _train_steps(model, optimizer, scheduler, rng, steps):
     for _ in range(steps):
-        image = torch.from_numpy(rng.random((1, 3, 32, 32), dtype=np.float32))
+        image = torch.from_numpy(rng.random((2, 3, 32, 32), dtype=np.float32))
         noise = torch.rand(1) * 0.01 + random.random() * 0.01  # uses torch and python RNGs
         loss = (model(image)["alpha"] - 0.5 - noise).abs().mean()
         optimizer.zero_grad()

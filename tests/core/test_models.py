@@ -21,12 +21,12 @@ from matting_core.models import (
 
 # Exact trainable parameter counts (documented in matting_core/models/__init__.py).
 EXPECTED_PARAMETERS = {
-    "unet_r18x0.25": 1_023_334,
-    "unet_r18x0.5": 4_081_578,
-    "unet_r18": 16_302_802,
-    "unet_r34": 26_410_962,
-    "unet_r50": 41_198_802,
-    "unet_r101": 60_190_930,
+    "unet_r18x0.25": 1_121_798,
+    "unet_r18x0.5": 4_474_858,
+    "unet_r18": 17_874_770,
+    "unet_r34": 27_982_930,
+    "unet_r50": 43_927_762,
+    "unet_r101": 62_919_890,
 }
 
 
@@ -48,12 +48,20 @@ def test_output_shapes_and_ranges_at_odd_size(depth):
     assert torch.isfinite(out["boundary_logits"]).all()
 
 
-@pytest.mark.parametrize("size", [(1, 1), (31, 33), (64, 96)])
-def test_any_size_works_in_training_mode_at_batch_one(size):
-    # batch 1 in train mode: the ASPP image-pooling branch has no BatchNorm to break on 1x1 maps
+@pytest.mark.parametrize("size", [(33, 31), (64, 96)])
+def test_training_mode_works_at_batch_one(size):
+    # the ASPP image-pooling branch has no BatchNorm, which would fail on a (1, C, 1, 1) map
+    # in training; (33, 31) pads to 64x32, a 2x1 map at stride 32
     model = build_network("unet_r18x0.25").train()
     out = model(torch.rand(1, 3, *size))
     assert out["alpha"].shape == (1, 1, *size)
+
+
+def test_tiny_inputs_work_in_eval_mode():
+    model = build_network("unet_r18x0.25").eval()
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 1, 1))["alpha"].shape == (1, 1, 1, 1)
+        assert model(torch.rand(2, 3, 5, 40))["alpha"].shape == (2, 1, 5, 40)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +69,7 @@ def test_any_size_works_in_training_mode_at_batch_one(size):
 )
 def test_backbone_feature_strides_and_widths(depth, expansion):
     backbone = ResNetBackbone(depth=depth, width=0.25).eval()
-    assert backbone.feature_strides == (2, 2, 4, 8, 16)
+    assert backbone.feature_strides == (2, 4, 8, 16, 32)
     assert backbone.feature_channels == (16, 16 * expansion, 32 * expansion, 64 * expansion, 128 * expansion)
     with torch.inference_mode():
         feats = backbone(torch.rand(1, 3, 64, 96))
@@ -89,9 +97,10 @@ def _count_on_meta(name: str, **overrides) -> int:
 
 
 def test_encoders_match_torchvision_resnet_sizes():
-    # torchvision's resnet18 / resnet50 minus their fc layers (512*1000+1000, 2048*1000+1000)
+    # torchvision's resnet18/50/101 minus their fc layers (512*1000+1000, 2048*1000+1000);
+    # R18 adds the 1x1 projection shortcut (64*64 + BN 2*64) of its strided layer1
     with torch.device("meta"):
-        assert count_parameters(ResNetBackbone(18)) == 11_689_512 - 513_000
+        assert count_parameters(ResNetBackbone(18)) == 11_689_512 - 513_000 + 64 * 64 + 2 * 64
         assert count_parameters(ResNetBackbone(50)) == 25_557_032 - 2_049_000
         assert count_parameters(ResNetBackbone(101)) == 44_549_160 - 2_049_000
 
@@ -121,7 +130,9 @@ def test_factory_rejects_unknown_option_and_bad_values():
     with pytest.raises(ValueError, match="depth"):
         build_network("unet_r18", depth=19)
     with pytest.raises(ValueError, match="pad_multiple"):
-        build_network("unet_r18x0.25", pad_multiple=24)
+        build_network("unet_r18x0.25", pad_multiple=48)
+    with pytest.raises(ValueError, match="decoder_channels"):
+        build_network("unet_r18x0.25", decoder_channels=[16, 8])
     with pytest.raises(ValueError, match="width"):
         build_network("unet_r18", width=0)
 
