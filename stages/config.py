@@ -200,6 +200,34 @@ class StudyConfig(_Section):
         return [(s, m) for s in [0, *self.seg] for m in [0, *self.mat] if (s, m) != (0, 0)]
 
 
+class OrchestrationConfig(_Section):
+    """How the Prefect flows in ``flows/`` run the DVC stages (not read by any stage).
+
+    Stage instances whose DVC parents are done run in parallel, at most
+    ``max_concurrency`` at once; a failed instance is retried ``retries`` times after
+    ``retry_delay_seconds``, doubling each time (exponential back-off). With
+    ``cuda_devices`` set, each running instance sees one of them as its only GPU
+    (``CUDA_VISIBLE_DEVICES``, slot ``i`` gets ``cuda_devices[i % len]``).
+    """
+
+    max_concurrency: int = Field(2, ge=1, description="stage instances running at once")
+    retries: int = Field(2, ge=0, description="retries of a failed stage instance")
+    retry_delay_seconds: float = Field(30.0, ge=0, description="first retry delay, s; doubles each retry")
+    cuda_devices: list[str] = Field(
+        default_factory=list, description="GPU ids handed out to running stages; empty = leave CUDA_VISIBLE_DEVICES alone"
+    )
+    schedule_cron: str = Field("0 2 * * *", description="cron of the served nightly study deployment")
+    timezone: str = Field("UTC", description="IANA time zone of schedule_cron")
+    mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="base URL of the MLflow UI, for run links")
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("a cron schedule has 5 fields: minute hour day-of-month month day-of-week")
+        return v
+
+
 class Params(_Section):
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -210,6 +238,7 @@ class Params(_Section):
     pseudolabel: PseudolabelConfig = PseudolabelConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     study: StudyConfig = StudyConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
