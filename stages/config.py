@@ -157,11 +157,29 @@ class TrainConfig(_Section):
 
 
 class PseudolabelConfig(_Section):
-    num_actors: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)
+    """The Ray Data labelling job (``stages/pseudolabel.py``).
+
+    Actors each hold one teacher copy. With GPUs in the cluster (and ``gpus_per_actor > 0``)
+    each actor gets ``gpus_per_actor`` and ``cpus_per_actor`` (default 1) and the pool is
+    capped at the GPUs there are; otherwise each CPU actor gets ``cpus_per_actor`` or, by
+    default, an equal share of the cluster's CPUs once the shard readers have ``read_cpus``
+    (reserving every CPU for actors would leave the readers none: the job would hang).
+    """
+
+    num_actors: int = Field(2, ge=1, description="actors in the pool (teacher copies)")
+    batch_size: int = Field(8, ge=1, description="samples per actor call")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; None = all")
-    gpus_per_actor: float = Field(1.0, ge=0, description="used only when the cluster has GPUs")
-    seed: int = 0
+    gpus_per_actor: float = Field(
+        1.0, ge=0, description="used only when the cluster has GPUs; 0 = CPU actors even there"
+    )
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="None = 1 with a GPU, else an equal share of the CPUs left by the readers"
+    )
+    read_cpus: float = Field(0.25, gt=0, description="CPUs reserved per shard-reading task")
+    max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a dead actor; its unfinished batches are retried as often"
+    )
+    seed: int = Field(0, description="unused: the weak view is the stored image (no randomness)")
 
 
 class EvaluateConfig(_Section):
