@@ -126,7 +126,8 @@ class UNetMatting(nn.Module):
         self._init_decoder()
 
     def _init_decoder(self) -> None:
-        for module in (self.aspp, self.dec16, self.dec8, self.dec4, self.dec2, self.dec1, self.alpha_head, self.boundary_head):
+        decoder = (self.aspp, self.dec16, self.dec8, self.dec4, self.dec2, self.dec1)
+        for module in (*decoder, self.alpha_head, self.boundary_head):
             for m in module.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
