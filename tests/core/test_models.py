@@ -138,10 +138,11 @@ def test_factory_rejects_unknown_option_and_bad_values():
 
 
 def test_spec_is_plain_and_rebuilds_the_same_network():
-    spec = network_spec("unet_r18x0.5", aspp_rates=(2, 4))
+    spec = network_spec("unet_r18x0.5", width=0.25, aspp_rates=(2, 4))
     assert json.loads(json.dumps(spec)) == spec
-    assert spec["name"] == "unet_r18x0.5" and spec["width"] == 0.5 and spec["aspp_rates"] == [2, 4]
-    model = build_network("unet_r18x0.5", aspp_rates=(2, 4))
+    assert spec["name"] == "unet_r18x0.5" and spec["width"] == 0.25 and spec["aspp_rates"] == [2, 4]
+    assert network_spec("unet_r101")["depth"] == 101 and network_spec("unet_r18x0.5")["width"] == 0.5
+    model = build_network("unet_r18x0.5", width=0.25, aspp_rates=(2, 4))
     assert model.network_spec == spec
     rebuilt = build_network_from_spec(spec)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
