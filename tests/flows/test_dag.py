@@ -12,15 +12,21 @@ import yaml
 
 from flows.dag import StageNode, StageReport, failure_message, load_pipeline, select_stages, summary_markdown
 from flows.study import PROJECT_ROOT, StudySetupError, activate_profile, profile_params, resolve_grid
-from flows.toy import max_overlap
+from flows.toy import make_toy_project, max_overlap
 from stages.config import load_params
 
 # DVC 3.67 itself trips a pygtrie deprecation on every graph build; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:dvc")
 
 
-def test_graph_is_dvcs_own(toy):
-    nodes = load_pipeline(toy)
+@pytest.fixture(scope="module")
+def shared_toy(tmp_path_factory):
+    """One toy project for the tests that only read it (tests that edit it use `toy`)."""
+    return make_toy_project(tmp_path_factory.mktemp("shared") / "toy")
+
+
+def test_graph_is_dvcs_own(shared_toy):
+    nodes = load_pipeline(shared_toy)
     assert list(nodes) == [
         "ingest", "pretrain@1", "pretrain@2", "teacher_scratch@3", "teacher_scratch@4",
         "teacher@1-3", "teacher@1-4", "teacher@2-3", "teacher@2-4", "report",
@@ -57,13 +63,13 @@ def test_graph_follows_dvc_yaml_edits(toy):
         ),
     ],
 )
-def test_selection_is_the_cells_and_their_ancestors(toy, cells, expected):
-    assert select_stages(load_pipeline(toy), cells) == expected
+def test_selection_is_the_cells_and_their_ancestors(shared_toy, cells, expected):
+    assert select_stages(load_pipeline(shared_toy), cells) == expected
 
 
-def test_whole_grid_selects_every_stage_report_last(toy):
-    nodes = load_pipeline(toy)
-    cells = load_params(toy / "params.yaml").study.cells()
+def test_whole_grid_selects_every_stage_report_last(shared_toy):
+    nodes = load_pipeline(shared_toy)
+    cells = load_params(shared_toy / "params.yaml").study.cells()
     selected = select_stages(nodes, cells)
     assert selected == list(nodes) and selected[-1] == "report"
 
@@ -85,8 +91,8 @@ def test_real_dvc_yaml_is_covered():
             assert teacher.cell == (s, m) and f"pretrain@{s}" in teacher.parents
 
 
-def test_grid_must_be_inside_the_params_grid(toy):
-    params = load_params(toy / "params.yaml")
+def test_grid_must_be_inside_the_params_grid(shared_toy):
+    params = load_params(shared_toy / "params.yaml")
     assert resolve_grid(params, None, None).cells() == params.study.cells()
     assert resolve_grid(params, [2], [3]).cells() == [(0, 3), (2, 0), (2, 3)]
     with pytest.raises(StudySetupError, match=r"seg budget\(s\) \[5\] have no DVC stages"):
@@ -95,11 +101,11 @@ def test_grid_must_be_inside_the_params_grid(toy):
         resolve_grid(params, [0, 1], None)
 
 
-def test_paper_profile_missing_is_a_clear_error(toy):
+def test_paper_profile_missing_is_a_clear_error(shared_toy):
     with pytest.raises(StudySetupError, match=r"profile 'paper' reads params-paper.yaml, which does not exist"):
-        profile_params(toy, "paper")
+        profile_params(shared_toy, "paper")
     with pytest.raises(StudySetupError, match="unknown profile"):
-        profile_params(toy, "huge")
+        profile_params(shared_toy, "huge")
 
 
 def test_paper_profile_becomes_params_yaml_only_when_clean(toy):
