@@ -1,0 +1,117 @@
+"""The whole study DAG, end to end, on a tiny grid in a temp git repo with real DVC.
+
+Grid: seg [12] x mat [4] -> cells (0, 4) mat-only, (12, 0) seg-only, (12, 4) both, so
+every stage kind runs: ingest, shard, composite, pretrain, teacher_scratch, teacher,
+pseudolabel (local Ray), student, the three evaluate kinds and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.pipeline.tiny import make_tiny_project, pipeline_env
+
+pytestmark = pytest.mark.slow
+
+CELLS = ["seg0-mat4", "seg12-mat0", "seg12-mat4"]
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["dvc", *args], cwd=root, env=pipeline_env(root), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = make_tiny_project(tmp_path_factory.mktemp("study"))
+    first = dvc(root, "repro")
+    return root, first.stdout
+
+
+def test_every_stage_ran(study):
+    root, log = study
+    stages = [line.split()[0] for line in dvc(root, "stage", "list").stdout.splitlines() if line.strip()]
+    assert {"ingest", "shard", "composite", "pretrain@12", "teacher_scratch@4", "teacher@12-4",
+            "pseudolabel@12-4", "student@12-4", "evaluate_seg_only@12", "evaluate_mat_only@4",
+            "evaluate@12-4", "report"} == set(stages)
+    for stage in stages:
+        assert f"Running stage '{stage}'" in log
+    # (0, 0) is never a cell: nothing was trained or evaluated for it.
+    assert not (root / "metrics" / "seg0-mat0.json").exists()
+
+
+def test_second_repro_runs_nothing(study):
+    root, _ = study
+    again = dvc(root, "repro")
+    assert "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date" in again.stdout
+    assert "up to date" in dvc(root, "status").stdout
+
+
+def test_metrics_list_every_cell_with_the_cell_kind(study):
+    root, _ = study
+    shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    for cell in CELLS:
+        data = files[f"metrics/{cell}.json"]["data"]
+        assert data["cell"] == cell
+        primary = data["models"][data["primary"]]
+        natural = primary["sets"]["natural"]
+        assert natural["n"] == 4
+        assert 0 <= natural["boundary"]["mse"] <= 1 and natural["whole"]["sad"] >= 0
+    kinds = {cell: json.loads((root / "metrics" / f"{cell}.json").read_text())["primary"] for cell in CELLS}
+    assert kinds == {"seg0-mat4": "teacher", "seg12-mat0": "pretrain", "seg12-mat4": "student"}
+    # The both-cell also evaluates its fine-tuned teacher (finding F3 needs it).
+    assert "teacher" in json.loads((root / "metrics" / "seg12-mat4.json").read_text())["models"]
+
+
+def test_mlflow_holds_one_parent_run_per_cell_with_nested_training(study):
+    root, _ = study
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        cells = mlflow.search_runs(experiment_names=["tiny-study"], filter_string="tags.run_kind = 'cell'")
+        assert sorted(cells["tags.cell"]) == sorted(CELLS)
+        for _, row in cells.iterrows():
+            assert row["metrics.natural/boundary/mse"] >= 0
+            assert row["metrics.natural/whole/sad"] >= 0
+        both = cells[cells["tags.cell"] == "seg12-mat4"].iloc[0]
+        assert both["params.seg_count"] == "12" and both["params.mat_count"] == "4"
+        children = mlflow.search_runs(
+            experiment_names=["tiny-study"], filter_string=f"tags.mlflow.parentRunId = '{both['run_id']}'"
+        )
+        assert {"teacher", "student"} <= set(children["tags.run_kind"])
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_report_is_written_offline(study):
+    root, _ = study
+    html = (root / "reports" / "index.html").read_text(encoding="utf-8")
+    assert "http://" not in html and "https://" not in html
+    findings = json.loads((root / "reports" / "findings.json").read_text())
+    assert json.dumps(findings).count("held") >= 3
+    assert (root / "reports" / "heatmaps" / "natural-boundary-mse.png").stat().st_size > 1000
+
+
+def test_changing_a_student_param_reruns_only_its_dependents(study):
+    root, _ = study
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["student"]["iters"] = 5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(dvc(root, "status", "--json").stdout)
+        assert set(status) == {"student@12-4"}
+        dry = dvc(root, "repro", "--dry").stdout
+        ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+        assert ran == {"student@12-4", "evaluate@12-4", "report"}
+    finally:
+        params["train"]["student"]["iters"] = 4
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
