@@ -160,22 +160,21 @@ def test_actor_resources_refuses_a_cluster_too_small():
 
 def test_label_images_is_the_shared_mlb_function_per_size_group():
     teacher = _tiny_teacher().eval()
-    samples = _seg_samples(6)
+    samples = _seg_samples(6)[:: 2] + _seg_samples(1)  # sizes (29, 50) and (36, 44), mixed
     images = [s[2]["image"] for s in samples]
     masks = [s[2]["mask"].astype(np.float32) for s in samples]
-    for mode in ("soft", "hard"):
-        out = label_images(teacher, images, masks, mode=mode, dilate=1 if mode == "hard" else 0, max_batch=2)
-        for image, mask, labels in zip(images, masks, out):
+    with torch.no_grad():
+        preds = [teacher(torch.from_numpy(im.transpose(2, 0, 1)[None].astype(np.float32) / 255)) for im in images]
+    for mode, dilate in (("soft", 0), ("hard", 1)):
+        out = label_images(teacher, images, masks, mode=mode, dilate=dilate, max_batch=2)
+        for image, mask, pred, labels in zip(images, masks, preds, out):
             assert labels["blended"].shape == image.shape[:2]
-            with torch.no_grad():
-                pred = teacher(torch.from_numpy(image.transpose(2, 0, 1)[None].astype(np.float32) / 255))
             # batched vs single forward: float rounding differs by ~1e-5 (scaled-up heads)
             np.testing.assert_allclose(labels["teacher_alpha"], pred["alpha"][0, 0].numpy(), atol=2e-4)
             np.testing.assert_allclose(
                 labels["teacher_boundary"], torch.sigmoid(pred["boundary_logits"])[0, 0].numpy(), atol=2e-4
             )
-            expected = blend_labels(labels["teacher_alpha"], labels["teacher_boundary"], mask, mode,
-                                    1 if mode == "hard" else 0)
+            expected = blend_labels(labels["teacher_alpha"], labels["teacher_boundary"], mask, mode, dilate)
             np.testing.assert_allclose(labels["blended"], expected, atol=1e-6)
 
 
