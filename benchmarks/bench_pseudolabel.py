@@ -19,7 +19,9 @@ Both paths must write the same keys with labels equal within float rounding (che
 Run::
 
     python benchmarks/bench_pseudolabel.py            # 256 samples, 128 px, unet_r18x0.5
-    python benchmarks/bench_pseudolabel.py --quick    # 64 samples, 96 px, unet_r18x0.25
+    python benchmarks/bench_pseudolabel.py --quick    # 64 samples, 96 px, unet_r18x0.25 (a smoke
+                                                      # run: actor start-up dominates)
+    python benchmarks/bench_pseudolabel.py --samples 768 --repeats 1   # fixed costs < 1/3
 """
 
 from __future__ import annotations
@@ -201,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             count = int(name.rsplit("-", 1)[1])
             extra = f"  ({r['steady'] / count:.1f}/s per GPU steady, {r['total'] / count:.1f}/s per GPU total)"
         print(f"{name:<12} {labels[name]:<28} {r['total']:8.1f} {r['steady']:9.1f} {r['fixed']:8.1f} {r['t']:7.1f}{extra}")
+    if any(r["fixed"] > 0.5 * r["t"] for name, r in results.items() if name.startswith("ray")):
+        print("note: fixed costs (actor start-up, teacher load) dominate these Ray runs, so the steady "
+              "column is noise; time a larger job (no --quick, or --samples 768) for throughput")
     one, two = results.get("ray-cpu-1"), results.get("ray-cpu-2")
     if one and two:
         print(f"scaling 1 -> 2 CPU actors: total x{two['total'] / one['total']:.2f}, steady x{two['steady'] / one['steady']:.2f}")
