@@ -6,7 +6,7 @@ float / bool / None (nothing that needs pickle's arbitrary-object machinery):
 * **model checkpoint** (``save_checkpoint`` / ``load_model``)::
 
       {"format": "matting-model", "version": 1,
-       "network_spec": {...},      # matting_core.models.network_spec(...) — rebuilds the net
+       "network_spec": {...},      # network_spec(...) or a method spec — rebuilds the net
        "state_dict": {...},        # CPU tensors
        "extra": {...}}             # caller's metadata (stage, step, metrics, params...)
 
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from matting_core.models import build_network_from_spec
+from matting_core.methods import build_from_spec
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -170,7 +170,7 @@ def load_model(
     if spec is None:
         raise ValueError(f"{os.fspath(path)} holds no network_spec; cannot rebuild the model")
     state = payload["state_dict"] if payload["format"] == CHECKPOINT_FORMAT else payload["model"]
-    model = build_network_from_spec(dict(spec))
+    model = build_from_spec(dict(spec))  # any method's spec; a plain network spec is the main method
     model.load_state_dict(state, strict=True)
     model.to(map_location).eval()
     info = {
