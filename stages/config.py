@@ -218,6 +218,117 @@ class StudyConfig(_Section):
         return [(s, m) for s in [0, *self.seg] for m in [0, *self.mat] if (s, m) != (0, 0)]
 
 
+
+# ----------------------------------------------------------------------------- related methods
+
+MethodName = Literal["mlb", "dim", "adamatting", "mgm", "mgm_wild", "mam"]
+ComparedMethod = Literal["dim", "adamatting", "mgm", "mgm_wild", "mam"]  # every MethodName but mlb
+
+
+class DIMOptions(_Section):
+    """Deep Image Matting (matting_core/methods/dim.py)."""
+
+    phase_fractions: tuple[float, float] = Field(
+        (0.5, 0.25),
+        description="project choice: run fractions of the encoder-decoder and refinement phases; the rest is joint",
+    )
+
+    @field_validator("phase_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if min(v) < 0 or sum(v) > 1:
+            raise ValueError("two fractions >= 0 whose sum is at most 1 (the joint phase gets the rest)")
+        return v
+
+
+class AdaMattingOptions(_Section):
+    """AdaMatting (matting_core/methods/adamatting.py)."""
+
+    propagation_steps: int = Field(3, ge=0, description="project choice: T, ConvLSTM unrolling steps")
+    alpha_region: Literal["image", "unknown"] = Field(
+        "image", description="project choice: L1 over the whole image or the unknown region only"
+    )
+    trimap_band_px: int = Field(3, ge=0, description="project choice: unknown band of the GT trimap classes, px")
+
+
+class MGMOptions(_Section):
+    """Mask-Guided Matting (matting_core/methods/mgm.py)."""
+
+    warmup_fraction: float = Field(0.05, ge=0, le=1, description="GT-band warm-up, fraction of the run (MGM: 5K/100K)")
+    eval_mask_threshold: float = Field(
+        0.5, gt=0, le=1, description="project choice: evaluation guidance mask = 1[GT alpha >= this]"
+    )
+
+
+class MGMWildOptions(MGMOptions):
+    """MGM in the wild (matting_core/methods/mgm_wild.py)."""
+
+    ema_momentum: float = Field(0.999, ge=0, le=1, description="project choice: m of the EMA teacher")
+    unsup_start_fraction: float = Field(
+        0.25, ge=0, le=1, description="project choice: self-training on the seg subset starts at this run fraction"
+    )
+    unsup_weight: float = Field(1.0, ge=0, description="project choice: weight of the self-training term")
+
+
+class MAMOptions(_Section):
+    """Matting Anything (matting_core/methods/mam.py)."""
+
+    point_prob: float = Field(0.25, ge=0, le=1, description="project choice: training prompts that are points (else boxes)")
+    box_noise: float = Field(0.1, ge=0, description="project choice: training box noise, std as a fraction of the side")
+    max_noise_px: float = Field(20.0, ge=0, description="project choice: training box noise clipped to this, px")
+    eval_box_margin: float = Field(
+        0.05, ge=0, description="project choice: evaluation box = bbox of GT alpha >= 0.5 grown by this x side"
+    )
+    warmup_fraction: float = Field(0.05, ge=0, le=1, description="GT-band warm-up of MGM's loss")
+    segmenter: Literal["own", "sam"] = Field(
+        "own", description="own: the seg-pretrained network of the cell; sam: Segment Anything (needs sam_checkpoint)"
+    )
+    sam_checkpoint: str | None = Field(None, description="local Segment Anything checkpoint file (segmenter: sam)")
+    sam_model_type: str = Field("vit_b", description="Segment Anything registry name (vit_b, vit_l, vit_h)")
+
+    @model_validator(mode="after")
+    def _sam_needs_checkpoint(self) -> "MAMOptions":
+        if self.segmenter == "sam" and not self.sam_checkpoint:
+            raise ValueError("segmenter 'sam' needs sam_checkpoint: a local Segment Anything checkpoint file")
+        return self
+
+
+class MethodsConfig(_Section):
+    """The related methods: their project choices, and the side-by-side comparison.
+
+    ``compare`` lists the methods the ``method@<name>`` DVC stages train at ``cell`` (the
+    same composited matte subset and seg-pretrained initialisation as the cell's teacher,
+    ``train.teacher``'s lr / batch / crop, ``iters`` steps); ``evaluate_method@<name>``
+    evaluates them like every cell. The option sections are used wherever that method
+    trains or is evaluated (also when it is the grid's ``method``).
+    """
+
+    compare: list[ComparedMethod] = Field(
+        default_factory=lambda: ["dim", "adamatting", "mgm", "mgm_wild", "mam"],
+        description="methods trained and evaluated side by side with the main method",
+    )
+    cell: tuple[int, int] | None = Field(
+        None, description="[S, M]: the grid cell (both budgets > 0) of the comparison; None = the largest cell"
+    )
+    iters: int = Field(150, ge=1, description="training steps of each compared method")
+    eval_trimap_kernel: int = Field(
+        15, ge=1, description="project choice: elliptical erosion (px) of the evaluation trimaps made from GT alpha "
+        "for DIM and AdaMatting (only for validation sets that ship no trimaps)",
+    )
+    dim: DIMOptions = DIMOptions()
+    adamatting: AdaMattingOptions = AdaMattingOptions()
+    mgm: MGMOptions = MGMOptions()
+    mgm_wild: MGMWildOptions = MGMWildOptions()
+    mam: MAMOptions = MAMOptions()
+
+    @field_validator("compare")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("list each method once")
+        return v
+
+
 class OrchestrationConfig(_Section):
     """How the Prefect flows in ``flows/`` run the DVC stages (not read by any stage).
 
@@ -248,6 +359,9 @@ class OrchestrationConfig(_Section):
 
 class Params(_Section):
     seed: int = 0
+    method: MethodName = Field(
+        "mlb", description="what the grid's teacher stages train: mlb (the main method) or a related method"
+    )
     data: DataConfig = DataConfig()
     shard: ShardConfig = ShardConfig()
     composite: CompositeConfig = CompositeConfig()
@@ -256,7 +370,22 @@ class Params(_Section):
     pseudolabel: PseudolabelConfig = PseudolabelConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     study: StudyConfig = StudyConfig()
+    methods: MethodsConfig = MethodsConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _comparison_cell_in_grid(self) -> "Params":
+        cell = self.methods.cell
+        if cell is not None and (cell[0] not in self.study.seg or cell[1] not in self.study.mat):
+            raise ValueError(
+                f"methods.cell {list(cell)} must be a cell of the grid with both budgets > 0: "
+                f"S in study.seg {self.study.seg}, M in study.mat {self.study.mat}"
+            )
+        return self
+
+    def comparison_cell(self) -> tuple[int, int]:
+        """``methods.cell``, or the grid's largest cell (max seg, max mat) when unset."""
+        return tuple(self.methods.cell) if self.methods.cell is not None else (self.study.seg[-1], self.study.mat[-1])
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -131,6 +131,10 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
     from stages import shards, tracking
 
     seg_count, mat_count = int(seg_count), int(mat_count)
+    if params.method != "mlb":
+        from stages.student import mlb_only_message
+
+        raise PseudolabelError(mlb_only_message("pseudolabel", params.method, seg_count, mat_count))
     if seg_count <= 0 or mat_count <= 0:
         raise PseudolabelError(
             f"--seg {seg_count} --mat {mat_count}: pseudo-labels need both budgets > 0 (a teacher "

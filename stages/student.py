@@ -17,6 +17,9 @@ Label modes (``train.student.label_mode``):
   teacher checkpoint, labels the weak view inside the loop and follows the student,
   ``θ_t ← m·θ_t + (1 − m)·θ_s`` after each step (m = ``train.student.ema_momentum``).
 
+MLB only: with params.yaml's ``method`` set to a related method the stage refuses to run
+(the grid's teacher stages train that method; it has no MLB student).
+
 Student network: ``train.student.network`` or ``model.network``. Init (project choice): the
 pre-trained ``models/pretrain/seg<S>/model.pt`` when its architecture equals the student's,
 else from scratch. Output: ``models/student/seg<S>-mat<M>/model.pt``.
@@ -34,6 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stages.training import add_common_arguments
 
     add_common_arguments(parser)
+
+
+def mlb_only_message(stage: str, method: str, seg_count: int, mat_count: int) -> str:
+    """Why an MLB-only stage (student, pseudolabel) refuses a related ``method``."""
+    return (
+        f"params.yaml has method: {method}; the {stage} stage is part of Matte Label Blending (method: mlb) only. "
+        f"With method: {method} the grid's teacher stages train {method} "
+        f"(`matting teacher --seg {seg_count} --mat {mat_count}`) and "
+        f"`matting evaluate --seg {seg_count} --mat {mat_count}` evaluates that teacher; "
+        "to compare the methods with MLB, keep method: mlb and use the `methods` section "
+        "(dvc repro method evaluate_method report)"
+    )
 
 
 def build_job(args: argparse.Namespace, params, device=None):
@@ -60,6 +75,8 @@ def build_job(args: argparse.Namespace, params, device=None):
     )
 
     seg_count, mat_count = int(args.seg), int(args.mat)
+    if params.method != "mlb":
+        raise StageError(mlb_only_message("student", params.method, seg_count, mat_count))
     if seg_count <= 0 or mat_count <= 0:
         raise StageError(
             f"--seg {seg_count} --mat {mat_count}: the MLB student needs both budgets > 0 "

@@ -12,6 +12,13 @@ second foreground lies outside the budget would leak an extra matte label).
 Init: the pre-trained ``models/pretrain/seg<S>/model.pt`` when ``S > 0`` (it must exist and
 have the same network), from scratch when ``S = 0`` (the mat-only cells of the grid).
 Output: ``models/teacher/seg<S>-mat<M>/model.pt``.
+
+With params.yaml's ``method`` set to a related method (``dim``, ``adamatting``, ``mgm``,
+``mgm_wild``, ``mam``) this stage trains that method instead, on the same composites and
+from the same pre-trained network (:func:`stages.method.build_method_job`: the method's
+network, guidance, loss and step; ``train.teacher``'s lr / batch / crop / iters; MLflow
+run ``teacher-<method>-...``). The MLB stages that follow (pseudolabel, student) refuse a
+related method.
 """
 
 from __future__ import annotations
@@ -72,6 +79,20 @@ def build_job(args: argparse.Namespace, params, device=None):
             f"pre-trained model (`matting pretrain --seg {seg_count}`)"
         )
     cfg = params.train.teacher
+    if params.method != "mlb":
+        from stages.method import build_method_job, method_hyper
+
+        return build_method_job(
+            stage="teacher",
+            name=params.method,
+            seg_count=seg_count,
+            mat_count=mat_count,
+            params=params,
+            data_root=args.data_root,
+            models_root=args.models_root,
+            out_dir=cell_dir(args.models_root, "teacher", seg_count, mat_count),
+            hyper=method_hyper(cfg, args.iters),
+        )
     hyper = step_hyper(cfg, args.iters)
     data_root = Path(args.data_root)
     matte_keys = subset_keys(data_root / "shards" / "matte", mat_count)

@@ -1,4 +1,4 @@
-"""The training loop shared by ``pretrain``, ``teacher`` and ``student``.
+"""The training loop shared by ``pretrain``, ``teacher``, ``student`` and ``method``.
 
 One call of :func:`train` runs (or resumes) one training job:
 
@@ -10,7 +10,10 @@ One call of :func:`train` runs (or resumes) one training job:
   sample of a run is ``default_rng([seed, p])``, so a resumed run sees exactly the batches
   an uninterrupted run would, whatever ``num_workers``.
 - **Optimisation**: Adam, cosine decay (:func:`matting_core.training.cosine_schedule`),
-  mixed precision on CUDA (bfloat16 where supported, else float16 with a GradScaler).
+  mixed precision on CUDA (bfloat16 where supported, else float16 with a GradScaler). A
+  related method (:mod:`stages.method`) brings its own step (``TrainingJob.step_fn``:
+  :meth:`matting_core.methods.Method.train_step`), optimiser parameters and loss module
+  (resumed as ``modules["loss"]``); the loop, resume and logging are the same.
 - **Resume**: every ``checkpoint_every`` steps the full state (model, optimizer, scheduler,
   scaler, extra modules such as the EMA teacher, RNG) is written atomically to
   ``<out_dir>/state.pt`` with a fingerprint of the job (hyper-parameters, network, data
@@ -24,8 +27,12 @@ One call of :func:`train` runs (or resumes) one training job:
 - **MLflow**: one run per job, nested under the grid cell's parent run
   (:func:`stages.tracking.get_or_create_cell_run`), named
   ``<stage>-<network>-seg<S>-mat<M>-seed<k>`` (pretrain: ``pretrain-<network>-seg<S>-seed<k>``,
-  nested under the seg-only cell ``seg<S>-mat0``). Params: stage, seg_count, mat_count,
-  network, every hyper-parameter. Metrics: every loss term as ``loss/<term>`` plus ``lr``,
+  nested under the seg-only cell ``seg<S>-mat0``; a related method adds its name:
+  ``teacher-dim-<network>-seg<S>-mat<M>-seed<k>``, ``method-mgm-...``). Params: stage,
+  method, seg_count, mat_count, network, every hyper-parameter (and a method's options);
+  tag ``method``. Metrics: every loss term as ``loss/<term>`` plus ``lr`` (a method's own
+  terms too: DIM's ``phase``, AdaMatting's learned ``log_var_trimap`` / ``log_var_alpha``,
+  MGM-in-the-wild's ``unsupervised``),
   the mean over each window of ``log_every`` steps, logged at the window's last step,
   sent in batches (at each checkpoint, at the end, and at most every 30 s). A resumed job
   continues the same run. The final ``model.pt`` is logged as an artifact
@@ -244,6 +251,10 @@ class ViewDataset(Dataset):
 
     ``dataset[(i, p)]`` reads sample ``keys[i]`` and returns
     ``make_views(sample, default_rng([seed, p]), crop, scale_range, roles, strong)``.
+    With ``guidance`` (a related method's input, see :mod:`stages.method`) the view also
+    gets ``views[guidance_key] = guidance(views["alpha"], rng)``, drawn from the same
+    generator after the geometry, so it is as reproducible as the crop (and made from the
+    cropped GT alpha, as the methods make theirs).
     """
 
     def __init__(
@@ -254,6 +265,8 @@ class ViewDataset(Dataset):
         scale_range: tuple[float, float],
         seed: int,
         strong: bool = False,
+        guidance_key: str | None = None,
+        guidance: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     ):
         self.reader = reader
         self.roles = list(roles)
@@ -261,6 +274,12 @@ class ViewDataset(Dataset):
         self.scale_range = tuple(scale_range)
         self.seed = int(seed)
         self.strong = bool(strong)
+        if (guidance_key is None) != (guidance is None):
+            raise ValueError("guidance_key and guidance go together")
+        if guidance is not None and "alpha" not in self.roles:
+            raise ValueError("guidance is made from the GT alpha: add 'alpha' to the roles")
+        self.guidance_key = guidance_key
+        self.guidance = guidance
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -268,9 +287,11 @@ class ViewDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
         index, position = item
         sample = self.reader.read(self.reader.keys[index], roles=["image", *self.roles])
-        return make_views(
-            sample, sample_rng(self.seed, position), self.crop, self.scale_range, self.roles, self.strong
-        )
+        rng = sample_rng(self.seed, position)
+        views = make_views(sample, rng, self.crop, self.scale_range, self.roles, self.strong)
+        if self.guidance is not None:
+            views[self.guidance_key] = np.ascontiguousarray(self.guidance(views["alpha"], rng), dtype=np.float32)
+        return views
 
 
 class PositionSampler(Sampler):
@@ -330,6 +351,8 @@ def make_loader(dataset: ViewDataset, batch_size: int, start_step: int, num_work
 
 
 Objective = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+# step_fn(batch, optimizer, step, total_steps, *, scheduler, scaler, autocast_dtype) -> detached terms
+StepFn = Callable[..., dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -337,14 +360,14 @@ class TrainingJob:
     """Everything one run of :func:`train` needs; built by a stage module.
 
     Attributes:
-        stage: ``pretrain`` | ``teacher`` | ``student``.
+        stage: ``pretrain`` | ``teacher`` | ``student`` | ``method`` (the methods comparison).
         seg_count, mat_count: the label budgets (MLflow params and the cell).
         cell: the grid cell the run nests under (``seg<S>-mat<M>``).
         out_dir: ``models/<stage>/<cell or seg<S>>``.
         model: the network to train, already initialised (pre-trained weights or scratch);
             it must carry ``network_spec``.
         dataset: the training views.
-        objective: ``(pred, batch) → loss terms`` with ``total``.
+        objective: ``(pred, batch) → loss terms`` with ``total`` (None when ``step_fn`` is set).
         hyper: the step's hyper-parameters (``StepConfig.model_dump()``): iters, lr,
             batch_size, checkpoint_every, log_every, seed, ...
         input_key: the batch key the model sees (``image``; the student: ``image_strong``).
@@ -357,6 +380,19 @@ class TrainingJob:
         experiment: the MLflow experiment.
         num_workers: DataLoader workers (0 = load in the training process).
         amp: mixed precision on CUDA.
+        method: the params ``method`` name the model belongs to (``mlb``, ``dim``, ...); a
+            related method's name appears in the run name, params and tags.
+        step_fn: replaces :func:`matting_core.training.train_step` (a related method's own
+            step, :meth:`matting_core.methods.Method.train_step`): called as
+            ``step_fn(batch, optimizer, step, total_steps, scheduler=, scaler=, autocast_dtype=)``
+            with ``step`` the 0-based index of the step being taken; returns detached terms.
+        optimizer_parameters: ``() → parameters`` the optimiser holds, called once the model
+            and ``modules`` are on the device (default: the model's parameters; a method adds
+            its learned loss weights and leaves frozen parts out).
+        aux_dataset: a second view stream, drawn alongside ``dataset`` with the same batch
+            size and resumed the same way; its keys are merged into each batch with
+            ``aux_prefix`` (MGM in the wild: the seg subset as ``natural_image``,
+            ``natural_image_strong``, ``natural_mask``).
     """
 
     stage: str
@@ -366,7 +402,7 @@ class TrainingJob:
     out_dir: Path
     model: nn.Module
     dataset: ViewDataset
-    objective: Objective
+    objective: Objective | None
     hyper: dict[str, Any]
     experiment: str
     input_key: str = "image"
@@ -377,6 +413,15 @@ class TrainingJob:
     fingerprint_extra: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 0
     amp: bool = True
+    method: str = "mlb"
+    step_fn: StepFn | None = None
+    optimizer_parameters: Callable[[], Any] | None = None
+    aux_dataset: ViewDataset | None = None
+    aux_prefix: str = "natural_"
+
+    def __post_init__(self) -> None:
+        if (self.objective is None) == (self.step_fn is None):
+            raise ValueError("a TrainingJob needs exactly one of objective and step_fn")
 
     @property
     def network(self) -> str:
@@ -384,8 +429,10 @@ class TrainingJob:
 
     @property
     def run_name(self) -> str:
+        """``<stage>[-<method>]-<network>-seg<S>[-mat<M>]-seed<k>`` (the method only when not mlb)."""
         budget = f"seg{self.seg_count}" if self.stage == "pretrain" else f"seg{self.seg_count}-mat{self.mat_count}"
-        return f"{self.stage}-{self.network}-{budget}-seed{self.hyper['seed']}"
+        method = "" if self.method == "mlb" else f"-{self.method}"
+        return f"{self.stage}{method}-{self.network}-{budget}-seed{self.hyper['seed']}"
 
     def fingerprint(self) -> str:
         """Hash of what a resumable state must agree on (not checkpoint/log cadence)."""
@@ -402,6 +449,19 @@ class TrainingJob:
             "input_key": self.input_key,
             "extra": self.fingerprint_extra,
         }
+        if self.method != "mlb":
+            payload["method"] = self.method
+        if self.dataset.guidance is not None:
+            payload["guidance"] = [self.dataset.guidance_key, repr(self.dataset.guidance)]
+        if self.aux_dataset is not None:
+            reader = self.aux_dataset.reader
+            payload["aux"] = {
+                "prefix": self.aux_prefix,
+                "set_dir": reader.set_dir.name,
+                "keys": hashlib.sha256("\n".join(reader.keys).encode()).hexdigest(),
+                "roles": self.aux_dataset.roles,
+                "seed": self.aux_dataset.seed,
+            }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -438,6 +498,7 @@ class _RunLogger:
                     "seg_count": str(job.seg_count),
                     "mat_count": str(job.mat_count),
                     "network": job.network,
+                    "method": job.method,
                 },
             )
             self.run_id = run.info.run_id
@@ -520,7 +581,8 @@ def train(
     model = job.model.to(device)
     for module in job.modules.values():
         module.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(hyper["lr"]))
+    parameters = model.parameters() if job.optimizer_parameters is None else job.optimizer_parameters()
+    optimizer = torch.optim.Adam(parameters, lr=float(hyper["lr"]))
     scheduler = cosine_schedule(optimizer, iters)
     autocast_dtype, needs_scaler = autocast_settings(device, job.amp)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
@@ -545,6 +607,7 @@ def train(
 
     params = {
         "stage": job.stage,
+        "method": job.method,
         "seg_count": job.seg_count,
         "mat_count": job.mat_count,
         "network": job.network,
@@ -582,19 +645,29 @@ def train(
         total=iters, initial=start_step, desc=job.run_name, unit="it", disable=not progress,
         dynamic_ncols=True, mininterval=0.5,
     )
-    loader_iter = None
+    loader_iter = aux_iter = None
     try:
         if start_step < iters:
             loader_iter = iter(make_loader(job.dataset, batch_size, start_step, job.num_workers))
+            if job.aux_dataset is not None:
+                aux_iter = iter(make_loader(job.aux_dataset, batch_size, start_step, job.num_workers))
         while step < iters:
             batch = _to_device(next(loader_iter), device)
+            if aux_iter is not None:
+                batch.update({f"{job.aux_prefix}{k}": v for k, v in _to_device(next(aux_iter), device).items()})
             if job.prepare_batch is not None:
                 batch = job.prepare_batch(batch)
             lr = optimizer.param_groups[0]["lr"]
-            terms = train_step(
-                model, optimizer, batch, job.objective, input_key=job.input_key,
-                scheduler=scheduler, scaler=scaler, autocast_dtype=autocast_dtype,
-            )
+            if job.step_fn is not None:
+                terms = job.step_fn(
+                    batch, optimizer, step, iters,
+                    scheduler=scheduler, scaler=scaler, autocast_dtype=autocast_dtype,
+                )
+            else:
+                terms = train_step(
+                    model, optimizer, batch, job.objective, input_key=job.input_key,
+                    scheduler=scheduler, scaler=scaler, autocast_dtype=autocast_dtype,
+                )
             if job.after_step is not None:
                 job.after_step()
             step += 1
@@ -623,6 +696,7 @@ def train(
         bar.close()
         extra = {
             "stage": job.stage,
+            "method": job.method,
             "seg_count": job.seg_count,
             "mat_count": job.mat_count,
             "cell": job.cell,
