@@ -2,11 +2,31 @@
 
 The cell's *primary* model is its result: the pre-trained model for a seg-only cell
 (S, 0), the teacher for a mat-only cell (0, M), the MLB student otherwise (whose
-fine-tuned teacher is evaluated too, so the report can check finding F3).
+fine-tuned teacher is evaluated too, so the report can check finding F3). With
+params.yaml's ``method`` set to a related method, a both-cell has no student: its primary
+is the teacher (that method).
 
 Writes ``metrics/seg<S>-mat<M>.json`` (the contract the report reads, see
 ``docs/FORMATS.md``) and ``eval/seg<S>-mat<M>/`` (per-image CSV tables and a few
 prediction panels).
+
+    python -m stages.evaluate --seg 240 --mat 32          # a grid cell
+    python -m stages.evaluate --method dim                # a compared method (methods.cell)
+
+``--method NAME`` evaluates ``models/methods/<name>/seg<S>-mat<M>/model.pt`` (the
+``method@<name>`` stage) the same way and writes ``metrics/methods/<name>.json`` (one
+model entry as in a cell file plus ``method``, ``cell``, budgets and ``guidance``) and
+``eval/methods/<name>/``; its metrics go to the method's own MLflow training run.
+
+Guidance: every checkpoint's spec says its method (:func:`matting_core.methods.method_of`).
+A related method gets its evaluation guidance from the GT of each validation sample
+(:func:`stages.method.evaluation_guidance`): DIM and AdaMatting the set's trimap when the
+set ships trimaps, else ``regions.eval_trimap`` of the GT alpha with the fixed
+``methods.eval_trimap_kernel``; MGM and MGM in the wild ``1[alpha >= 0.5]``
+(``eval_mask_threshold``); MAM the box around ``alpha >= 0.5`` grown by
+``methods.mam.eval_box_margin`` of its side. The guidance used is recorded per set
+(``sets.<set>.guidance``). FPS of a related method includes its guidance input (MAM: the
+frozen segmenter too), with a fixed synthetic guidance of the FPS size.
 """
 
 from __future__ import annotations
@@ -39,13 +59,15 @@ def cell_kind(seg_count: int, mat_count: int) -> str:
     return "both"
 
 
-def cell_models(models_root: Path, seg_count: int, mat_count: int) -> tuple[str, dict[str, Path]]:
-    """The primary role and the checkpoints to evaluate for a cell."""
+def cell_models(
+    models_root: Path, seg_count: int, mat_count: int, method: str = "mlb"
+) -> tuple[str, dict[str, Path]]:
+    """The primary role and the checkpoints to evaluate for a cell (``method``: params.yaml's)."""
     cell = tracking.cell_name(seg_count, mat_count)
     kind = cell_kind(seg_count, mat_count)
     if kind == "seg_only":
         return "pretrain", {"pretrain": models_root / "pretrain" / f"seg{seg_count}" / "model.pt"}
-    if kind == "mat_only":
+    if kind == "mat_only" or method != "mlb":
         return "teacher", {"teacher": models_root / "teacher" / cell / "model.pt"}
     return "student", {
         "student": models_root / "student" / cell / "model.pt",
@@ -67,18 +89,49 @@ def validation_sets(data_root: Path) -> dict[str, Path]:
     return sets
 
 
-def measure_fps(model, size: int, iters: int, device) -> float:
-    """Images per second at (1, 3, size, size), after one warm-up pass."""
+def fps_guidance(required_input: str | None, size: int, device):
+    """A fixed guidance of a (1, 3, size, size) input for timing: a centred person-like region.
+
+    trimap: foreground in the middle, an unknown ring, background outside; mask: the middle
+    square; prompt: a box around it. None for the main method (RGB only).
+    """
     import torch
 
+    if required_input is None:
+        return None
+    lo, hi = size // 4, size - size // 4
+    if required_input == "prompt":
+        return torch.tensor([[0.0, lo, lo, hi - 1, hi - 1]], device=device)
+    g = torch.zeros(1, 1, size, size, device=device)
+    if required_input == "trimap":
+        band = max(1, size // 32)
+        g[..., lo - band : hi + band, lo - band : hi + band] = 128 / 255
+        g[..., lo + band : hi - band, lo + band : hi - band] = 1.0
+    else:
+        g[..., lo:hi, lo:hi] = 1.0
+    return g
+
+
+def measure_fps(model, size: int, iters: int, device) -> float:
+    """Images per second at (1, 3, size, size), after one warm-up pass.
+
+    A related method's model also gets its guidance (:func:`fps_guidance`), so the time is
+    that of the whole prediction (MAM: segmenter + mask-to-matte).
+    """
+    import torch
+
+    from matting_core.methods import method_of
+
     x = torch.rand(1, 3, size, size, device=device)
+    guidance = fps_guidance(method_of(model).required_input, size, device)
+    inputs = (x,) if guidance is None else (x, guidance)
     with torch.inference_mode():
-        model(x)
+        model(*inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(iters):
-            model(x)
+            model(*inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
     return iters / (time.perf_counter() - start)
@@ -101,9 +154,16 @@ def _png(array: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def evaluate_model(model, valsets: dict[str, Path], short_side: int, device, keep: int, out_dir: Path, role: str):
-    """Mean metrics per set/region for one model; per-image CSVs and panels under out_dir."""
+def evaluate_model(
+    model, valsets: dict[str, Path], short_side: int, device, keep: int, out_dir: Path, role: str, guidance=None
+):
+    """Mean metrics per set/region for one model; per-image CSVs and panels under out_dir.
+
+    ``guidance``: a related method's :class:`stages.method.EvaluationGuidance` (None for the
+    main method); each set's summary then records the guidance it used (``guidance``).
+    """
     from matting_core.inference import predict_alpha
+    from matting_core.methods import predict_image
     from matting_core.metrics import evaluate_alpha
     from stages.shards import iter_samples
 
@@ -116,9 +176,15 @@ def evaluate_model(model, valsets: dict[str, Path], short_side: int, device, kee
     results: dict[str, dict] = {}
     for set_name, set_dir in valsets.items():
         rows = []
+        sources: dict[str, int] = {}
         for i, sample in enumerate(tqdm(list(iter_samples(set_dir)), desc=f"{role}/{set_name}", unit="img")):
             image, gt = sample["image"], sample["alpha"]
-            pred = predict_alpha(model, image, short_side=short_side, device=device)
+            if guidance is None:
+                pred = predict_alpha(model, image, short_side=short_side, device=device)
+            else:
+                user_guidance, source = guidance(sample)
+                sources[source] = sources.get(source, 0) + 1
+                pred = predict_image(model, image, user_guidance, short_side=short_side, device=device)
             scores = evaluate_alpha(pred, gt, trimap=sample.get("trimap"))
             row = {"key": sample["key"]}
             for region, values in scores.items():
@@ -140,50 +206,125 @@ def evaluate_model(model, valsets: dict[str, Path], short_side: int, device, kee
         for region in REGIONS:
             if f"{region}/mse" in columns:
                 summary[region] = {m: float(np.mean([r[f"{region}/{m}"] for r in rows])) for m in METRICS}
+        if sources:
+            summary["guidance"] = "; ".join(sources if len(sources) == 1 else (f"{k} ({n})" for k, n in sources.items()))
         results[set_name] = summary
     return results
 
 
 def evaluate_cell(params, seg_count: int, mat_count: int, data_root: Path, models_root: Path,
                   metrics_dir: Path, eval_root: Path, device_name: str = "auto") -> dict:
-    import torch
-
     from matting_core.checkpoint import load_model
 
     cell = tracking.cell_name(seg_count, mat_count)
-    primary, checkpoints = cell_models(models_root, seg_count, mat_count)
+    primary, checkpoints = cell_models(models_root, seg_count, mat_count, params.method)
     for role, path in checkpoints.items():
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: the {role} model of cell {cell} is missing; run `dvc repro` "
                 f"(or `python -m stages.{role} --seg {seg_count} --mat {mat_count}`) first"
             )
-    valsets = validation_sets(data_root)
-    if not valsets:
-        raise FileNotFoundError(f"no validation sets under {data_root}/shards/val-* or composite/val-composited; "
-                                "run the shard and composite stages first")
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
-    cfg = params.evaluate
+    valsets = _validation_sets_or_fail(data_root)
+    device = _device(device_name)
     out_dir = eval_root / cell
     result = {"cell": cell, "seg_count": seg_count, "mat_count": mat_count,
               "kind": cell_kind(seg_count, mat_count), "primary": primary, "models": {}}
     for role, path in checkpoints.items():
         model, info = load_model(path, map_location=device)
-        model.eval().to(device)
-        sets = evaluate_model(model, valsets, cfg.short_side, device, cfg.save_predictions, out_dir, role)
-        result["models"][role] = {
-            "checkpoint": str(path),
-            "network": str(info["network_spec"]["name"]),
-            "params": int(sum(p.numel() for p in model.parameters())),
-            "fps": round(measure_fps(model, cfg.fps_size, cfg.fps_iters, device), 3),
-            "fps_size": cfg.fps_size,
-            "device": device.type,
-            "sets": sets,
-        }
+        result["models"][role] = evaluate_checkpoint(params, model, info, path, valsets, device, out_dir, role)
     atomic.write_json(metrics_dir / f"{cell}.json", result)
     return result
+
+
+def _validation_sets_or_fail(data_root: Path) -> dict[str, Path]:
+    valsets = validation_sets(data_root)
+    if not valsets:
+        raise FileNotFoundError(f"no validation sets under {data_root}/shards/val-* or composite/val-composited; "
+                                "run the shard and composite stages first")
+    return valsets
+
+
+def _device(device_name: str):
+    import torch
+
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device_name)
+
+
+def evaluate_checkpoint(params, model, info: dict, path: Path, valsets: dict[str, Path], device, out_dir: Path,
+                        role: str) -> dict:
+    """One model entry of a metrics file: metrics per set, params, FPS (method-aware guidance)."""
+    from matting_core.methods import method_of
+    from stages.method import evaluation_guidance
+
+    cfg = params.evaluate
+    method = method_of(model)
+    model.eval().to(device)
+    guidance = evaluation_guidance(params, method.name)
+    sets = evaluate_model(model, valsets, cfg.short_side, device, cfg.save_predictions, out_dir, role, guidance)
+    entry = {
+        "checkpoint": str(path),
+        "network": str(info["network_spec"]["name"]),
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "fps": round(measure_fps(model, cfg.fps_size, cfg.fps_iters, device), 3),
+        "fps_size": cfg.fps_size,
+        "device": device.type,
+        "sets": sets,
+    }
+    if method.name != "mlb":
+        entry["method"] = method.name
+        entry["required_input"] = method.required_input
+        entry["trainable_params"] = int(sum(p.numel() for p in method.optimizer_parameters(model)))
+    return entry
+
+
+def evaluate_method(params, name: str, data_root: Path, models_root: Path, metrics_dir: Path, eval_root: Path,
+                    device_name: str = "auto", seg_count: int | None = None, mat_count: int | None = None) -> dict:
+    """Evaluate the compared method ``name`` (``models/methods/<name>/<cell>/model.pt``).
+
+    Writes ``metrics/methods/<name>.json``: the model entry of :func:`evaluate_checkpoint`
+    plus ``method``, ``summary``, ``cell``, ``seg_count``, ``mat_count`` and ``guidance``.
+    """
+    from matting_core.checkpoint import load_model
+    from matting_core.methods import get_method
+    from stages.method import evaluation_guidance, method_dir
+
+    method = get_method(name)
+    cell_seg, cell_mat = params.comparison_cell()
+    seg_count = cell_seg if seg_count is None else int(seg_count)
+    mat_count = cell_mat if mat_count is None else int(mat_count)
+    cell = tracking.cell_name(seg_count, mat_count)
+    path = method_dir(models_root, name, seg_count, mat_count) / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the {name} model of the comparison cell {cell} is missing; run `dvc repro method@{name}` "
+            f"(or `python -m stages.method --method {name}`) first"
+        )
+    valsets = _validation_sets_or_fail(data_root)
+    device = _device(device_name)
+    model, info = load_model(path, map_location=device)
+    if method_of_spec(info["network_spec"]) != name:
+        raise ValueError(f"{path} holds a {method_of_spec(info['network_spec'])} model, not {name}")
+    entry = evaluate_checkpoint(params, model, info, path, valsets, device, eval_root / "methods" / name, name)
+    guidance = evaluation_guidance(params, name)
+    result = {
+        "method": name,
+        "summary": method.summary,
+        "cell": cell,
+        "seg_count": seg_count,
+        "mat_count": mat_count,
+        "guidance": {s: v.get("guidance", "") for s, v in entry["sets"].items()},
+        "guidance_rule": guidance.describe("gt") if guidance is not None else "none",
+        "run_id": info["extra"].get("run_id"),
+        **entry,
+    }
+    atomic.write_json(metrics_dir / "methods" / f"{name}.json", result)
+    return result
+
+
+def method_of_spec(spec: dict) -> str:
+    return str(spec.get("method", "mlb"))
 
 
 def log_to_mlflow(params, result: dict, eval_dir: Path) -> str:
@@ -213,9 +354,41 @@ def log_to_mlflow(params, result: dict, eval_dir: Path) -> str:
     return run_id
 
 
+def log_method_to_mlflow(params, result: dict, eval_dir: Path) -> str:
+    """A compared method's metrics ``<valset>/<region>/<metric>``, ``fps``, ``params_count`` on its
+    own training run (nested under the comparison cell's run); on the cell's run with the
+    prefix ``methods/<name>/`` when that run is not in this store."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    cell_run = tracking.get_or_create_cell_run(
+        params.study.experiment, result["seg_count"], result["mat_count"], result["network"]
+    )
+    run_id, prefix = result.get("run_id"), ""
+    try:
+        if not run_id or client.get_run(run_id).info.experiment_id != client.get_run(cell_run).info.experiment_id:
+            raise LookupError
+    except Exception:  # noqa: BLE001 - a run from another store: log on the cell's run instead
+        run_id, prefix = cell_run, f"methods/{result['method']}/"
+    metrics = {f"{prefix}params_count": result["params"], f"{prefix}fps": result["fps"]}
+    for set_name, summary in result["sets"].items():
+        for region in REGIONS:
+            for metric, value in summary.get(region, {}).items():
+                metrics[f"{prefix}{set_name}/{region}/{metric}"] = value
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    if eval_dir.is_dir():
+        client.log_artifacts(run_id, str(eval_dir), artifact_path="evaluation")
+    return run_id
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seg", type=int, required=True, help="segmentation budget S of the cell")
-    parser.add_argument("--mat", type=int, required=True, help="matte budget M of the cell")
+    parser.add_argument("--seg", type=int, default=None,
+                        help="segmentation budget S of the cell (required without --method)")
+    parser.add_argument("--mat", type=int, default=None, help="matte budget M of the cell (required without --method)")
+    parser.add_argument("--method", default=None, choices=("dim", "adamatting", "mgm", "mgm_wild", "mam"),
+                        help="evaluate this compared method's model at methods.cell (or --seg/--mat) instead of a cell")
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--data-root", default="data", type=Path)
     parser.add_argument("--models-root", default="models", type=Path)
@@ -227,7 +400,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    if args.method is None and (args.seg is None or args.mat is None):
+        print("matting evaluate: error: --seg and --mat are required (or --method NAME for a compared method)",
+              file=sys.stderr)
+        return 2
     params = load_params(args.params)
+    if args.method is not None:
+        return _run_method(args, params)
     result = evaluate_cell(params, args.seg, args.mat, args.data_root, args.models_root,
                            args.metrics_dir, args.eval_root, args.device or params.train.device)
     primary = result["models"][result["primary"]]
@@ -241,6 +422,22 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
         run_id = log_to_mlflow(params, result, args.eval_root / result["cell"])
         print(f"MLflow cell run {run_id}")
+    return 0
+
+
+def _run_method(args: argparse.Namespace, params) -> int:
+    result = evaluate_method(params, args.method, args.data_root, args.models_root, args.metrics_dir,
+                             args.eval_root, args.device or params.train.device, args.seg, args.mat)
+    for set_name, summary in result["sets"].items():
+        whole, boundary = summary["whole"], summary["boundary"]
+        print(f"{result['cell']} [{args.method}] {set_name:>12}: "
+              f"MSE×1e3 whole {whole['mse'] * 1e3:.3f} boundary {boundary['mse'] * 1e3:.3f} | "
+              f"SAD whole {whole['sad']:.3f} | n={summary['n']} | guidance: {summary.get('guidance', '')}")
+    print(f"{args.method}: {result['params'] / 1e6:.2f}M params ({result['trainable_params'] / 1e6:.2f}M trained), "
+          f"{result['fps']:.1f} FPS at {result['fps_size']}² on {result['device']}")
+    if not args.no_mlflow:
+        run_id = log_method_to_mlflow(params, result, args.eval_root / "methods" / args.method)
+        print(f"MLflow run {run_id}")
     return 0
 
 
