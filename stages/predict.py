@@ -9,6 +9,23 @@ default, and the alpha is resized back). With ``--composite`` also
 ``<output>/<name>.composite.png``: the cut-out over a colour (a name such as ``white``,
 ``#rrggbb`` or ``r,g,b``) or over an image file (scaled to cover, centre-cropped).
 
+Related methods (a checkpoint of ``method@<name>``, or of a teacher trained with
+params.yaml's ``method``) need their guidance; the checkpoint's spec says which, and a
+missing one is a usage error naming the flag:
+
+    matting predict --checkpoint models/methods/dim/seg240-mat32/model.pt --input photos/ \
+        --trimap trimaps/ --output out/           # DIM, AdaMatting: a trimap per image
+    matting predict ... --mask masks/             # MGM, MGM in the wild: a coarse mask per image
+    matting predict ... --box 40,10,200,300       # MAM: a box X0,Y0,X1,Y1 (or --point X,Y)
+
+``--trimap DIR`` / ``--mask DIR`` hold one file per input image with the same relative
+path and stem, any image extension (``photos/sub/a.jpg`` → ``DIR/sub/a.png``); with a single
+``--input`` file they may name the file itself. Trimaps are 0 / 128 / 255 (other values are
+quantised), masks 0/255 or 0/1; a partner of another size is resized to the image
+(nearest) and said so. An image without its partner file is skipped with the reason.
+``--box`` / ``--point`` are pixel coordinates of the input image (inclusive), used for every
+input. Giving guidance a checkpoint does not take is a usage error too.
+
 A folder is searched recursively (hidden files skipped); sub-folders are kept in the
 output. When two inputs would get the same output name (``a.jpg`` and ``a.png``) both keep
 their extension (``a.jpg.png``, ``a.png.png``). Files are decoded like ingest does
@@ -22,6 +39,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
 
 DESCRIPTION = __doc__
 
@@ -38,6 +57,95 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the cut-out over a colour (name, #rrggbb, r,g,b) or an image file",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    guidance = parser.add_argument_group("guidance (related methods only; the checkpoint says which it needs)")
+    guidance.add_argument("--trimap", metavar="DIR", default=None,
+                          help="trimaps (0/128/255) matching the inputs' relative paths: DIM, AdaMatting")
+    guidance.add_argument("--mask", metavar="DIR", default=None,
+                          help="coarse person masks matching the inputs' relative paths: MGM, MGM in the wild")
+    guidance.add_argument("--box", metavar="X0,Y0,X1,Y1", default=None,
+                          help="box prompt in input-image pixels (inclusive), for every input: MAM")
+    guidance.add_argument("--point", metavar="X,Y", default=None,
+                          help="point prompt in input-image pixels, for every input: MAM")
+
+
+GUIDANCE_FLAGS = {"trimap": "--trimap DIR", "mask": "--mask DIR", "prompt": "--box X0,Y0,X1,Y1 or --point X,Y"}
+
+
+def parse_numbers(text: str, count: int, flag: str) -> list[float]:
+    """``"1,2,3,4"`` → four floats (``count`` of them), each >= 0, or a ValueError naming ``flag``."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(np.isfinite(v) and v >= 0 for v in values):
+        shape = "X0,Y0,X1,Y1" if count == 4 else "X,Y"
+        raise ValueError(f"{flag} {text!r}: expected {shape}, {count} pixel coordinates >= 0")
+    return values
+
+
+def parse_prompt(box: str | None, point: str | None):
+    """The MAM prompt (5,) of ``--box`` or ``--point`` (None when neither is given)."""
+    from matting_core.methods.mam import box_prompt, point_prompt
+
+    if box is not None and point is not None:
+        raise ValueError("give either --box or --point, not both (one prompt per image)")
+    if box is not None:
+        x0, y0, x1, y1 = parse_numbers(box, 4, "--box")
+        if x1 < x0 or y1 < y0:
+            raise ValueError(f"--box {box!r}: needs X0 <= X1 and Y0 <= Y1")
+        return box_prompt(x0, y0, x1, y1)
+    if point is not None:
+        return point_prompt(*parse_numbers(point, 2, "--point"))
+    return None
+
+
+def check_guidance(method, given: dict[str, bool], checkpoint: Path) -> str | None:
+    """The usage error for the guidance flags given to ``method``'s checkpoint, or None."""
+    need = method.required_input
+    names = {"trimap": "--trimap", "mask": "--mask", "prompt": "--box/--point"}
+    extra = [names[k] for k, on in given.items() if on and k != need]
+    if need is None and extra:
+        return (f"{checkpoint} is a {method.name} model ({method.summary}): it takes the RGB image only; "
+                f"drop {', '.join(extra)}")
+    if extra:
+        return (f"{', '.join(extra)} is not used by a {method.name} model ({checkpoint}); it needs "
+                f"{method.guidance_help}" + ("" if given.get(need) else f". Pass {GUIDANCE_FLAGS[need]}"))
+    if need is not None and not given.get(need):
+        return (f"{checkpoint} is a {method.name} model ({method.summary}); it needs {method.guidance_help}. "
+                f"Pass {GUIDANCE_FLAGS[need]}")
+    return None
+
+
+def find_partner(folder: Path, rel: Path, single_input: bool) -> Path | None:
+    """The guidance file for input ``rel`` in ``folder``: same relative stem, any extension (.png first)."""
+    if folder.is_file():
+        return folder if single_input else None
+    parent = folder / rel.parent
+    if not parent.is_dir():
+        return None
+    stem = rel.with_suffix("").name
+    candidates = sorted(p for p in parent.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.with_suffix("").name == stem)
+    if not candidates:
+        return None
+    pngs = [p for p in candidates if p.suffix.lower() == ".png"]
+    return (pngs or candidates)[0]
+
+
+def read_partner(kind: str, path: Path, size_hw: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    """A trimap (0/128/255) or mask (0/255) as (H, W) uint8 of the image's size, and its conversions."""
+    from stages.imageio import read_mask, read_trimap, resize_partner
+
+    if kind == "trimap":
+        array, conversions = read_trimap(path)
+    else:
+        array, conversions = read_mask(path)
+        array = array * np.uint8(255)
+    if array.shape[:2] != tuple(size_hw):
+        array, note = resize_partner(array, size_hw, kind)
+        conversions.append(f"{kind}.{note}")
+    return array, conversions
 
 
 def parse_colour(text: str) -> tuple[int, int, int]:
@@ -106,11 +214,11 @@ def _png_bytes(array) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     from tqdm.auto import tqdm
 
     from matting_core.checkpoint import load_model
     from matting_core.inference import cutout_over, predict_alpha
+    from matting_core.methods import method_of, predict_image
     from stages.atomic import write_bytes
     from stages.imageio import ImageReadError, read_image_rgb
     from stages.training import resolve_device
@@ -145,12 +253,30 @@ def run(args: argparse.Namespace) -> int:
         model, _ = load_model(checkpoint, map_location=device)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a usage error here
         return usage(f"cannot load {checkpoint}: {err}")
+    method = method_of(model)
+    given = {"trimap": args.trimap is not None, "mask": args.mask is not None,
+             "prompt": args.box is not None or args.point is not None}
+    problem = check_guidance(method, given, checkpoint)
+    if problem is not None:
+        return usage(problem)
+    try:
+        prompt = parse_prompt(args.box, args.point)
+    except ValueError as err:
+        return usage(str(err))
+    partner_dir = None
+    if method.required_input in ("trimap", "mask"):
+        flag = f"--{method.required_input}"
+        partner_dir = Path(getattr(args, method.required_input))
+        if not partner_dir.exists():
+            return usage(f"{flag} {partner_dir} does not exist")
+        if partner_dir.is_file() and not source.is_file():
+            return usage(f"{flag} {partner_dir} is a file; with a folder --input give a folder of {method.required_input}s")
 
     inputs = list_inputs(source)
     names = output_names([rel for _, rel in inputs])
     out_dir = Path(args.output)
     written, unreadable = 0, []
-    for (path, _), name in tqdm(list(zip(inputs, names)), desc="predict", unit="img", disable=len(inputs) < 2):
+    for (path, rel), name in tqdm(list(zip(inputs, names)), desc="predict", unit="img", disable=len(inputs) < 2):
         try:
             image, _ = read_image_rgb(path)
         except ImageReadError as err:
@@ -159,7 +285,26 @@ def run(args: argparse.Namespace) -> int:
         except Exception as err:  # noqa: BLE001 - report any decoder failure, keep going
             unreadable.append((path, f"{type(err).__name__}: {err}"))
             continue
-        alpha = predict_alpha(model, image, short_side=args.short_side, device=device)
+        if method.required_input is None:
+            alpha = predict_alpha(model, image, short_side=args.short_side, device=device)
+        else:
+            if partner_dir is not None:
+                kind = method.required_input
+                partner = find_partner(partner_dir, rel, source.is_file())
+                if partner is None:
+                    unreadable.append((path, f"no {kind} for it in {partner_dir} (looked for "
+                                             f"{rel.with_suffix('').as_posix()}.*)"))
+                    continue
+                try:
+                    guidance, notes = read_partner(kind, partner, image.shape[:2])
+                except ImageReadError as err:
+                    unreadable.append((path, f"its {kind} {partner}: {err.reason}"))
+                    continue
+                for note in notes:
+                    print(f"matting predict: {partner}: {note}", file=sys.stderr)
+            else:
+                guidance = prompt
+            alpha = predict_image(model, image, guidance, short_side=args.short_side, device=device)
         alpha_u8 = np.clip(np.round(alpha * 255.0), 0, 255).astype(np.uint8)
         write_bytes(out_dir / name.parent / f"{name.name}.png", _png_bytes(alpha_u8))
         if background is not None:
