@@ -12,6 +12,10 @@ parsed into a dict)::
                 "teacher": {...}},
      "methods": {"<method>": {"sets": {...}, "fps": float}}}      # optional
 
+Compared methods may also come separately (``metrics/methods/<name>.json``, one model
+entry each with ``method``, ``seg_count``, ``mat_count``, ``required_input``,
+``guidance_rule``); :func:`method_rows` takes them as ``methods``.
+
 ``cells`` below maps ``(seg_count, mat_count)`` to that dict; a grid cell whose file is
 absent is simply not a key. Units: SAD, Grad, Conn are /1000 already; MSE is raw and is
 shown ×1e3 (:data:`DISPLAY_SCALE`). Lower is better for every metric.
@@ -50,6 +54,7 @@ __all__ = [
     "metric_label",
     "metric_value",
     "method_rows",
+    "methods_markdown",
     "primary_role",
     "safe_name",
     "summary_metrics",
@@ -498,33 +503,103 @@ def finding_headline(finding: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- other methods
 
+METHOD_COLUMNS: tuple[str, ...] = (
+    "cell", "method", "input", "whole_mse", "boundary_mse", "whole_sad", "boundary_sad", "fps", "guidance",
+)
 
-def method_rows(cells: Cells, valset: str = "natural") -> list[dict[str, Any]]:
-    """Rows of the method comparison: each cell with ``methods`` gives its primary + each method.
 
-    Each row: cell, method, whole/boundary MSE (raw) and SAD, fps. Empty when no cell has
-    ``methods``.
+def method_rows(
+    cells: Cells,
+    valset: str = "natural",
+    methods: Mapping[tuple[int, int], Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of the method comparison: per cell with compared methods, its primary + each method.
+
+    Args:
+        cells: the grid's cell records; a cell's own ``methods`` mapping (if any) is used too.
+        valset: the validation set of the numbers (the natural one).
+        methods: ``{(seg, mat): {name: entry}}`` with entries as ``metrics/methods/<name>.json``
+            (``sets``, ``fps``, optional ``required_input`` and ``guidance_rule``); ``None``
+            for an expected method whose file is missing (its row says so).
+
+    Each row: cell, method, input (``RGB`` / ``trimap`` / ``mask`` / ``prompt``), whole and
+    boundary MSE (raw) and SAD (/1000) on ``valset``, fps, guidance (the evaluation rule);
+    None where absent. The main method's row comes first (``MLB (<role>)``; ``MLB (missing)``
+    when the cell has no metrics file). Empty when no cell has compared methods.
     """
+    per_cell: dict[tuple[int, int], dict[str, Any]] = {}
+    for key, cell in cells.items():
+        own = cell.get("methods")
+        if isinstance(own, Mapping) and own:
+            per_cell.setdefault(key, {}).update(own)
+    for key, entries in (methods or {}).items():
+        if entries:
+            per_cell.setdefault(tuple(key), {}).update(entries)
     rows: list[dict[str, Any]] = []
-    for (s, m), cell in sorted(cells.items()):
-        methods = cell.get("methods")
-        if not isinstance(methods, Mapping) or not methods:
-            continue
-        role = primary_role(cell)
-        model = (cell.get("models") or {}).get(role) or {}
-        entries = [(f"MLB ({role})", model)] + [(str(k), v) for k, v in methods.items() if isinstance(v, Mapping)]
-        for name, entry in entries:
+    for (s, m), entries in sorted(per_cell.items()):
+        cell = cells.get((s, m))
+        if cell is not None:
+            role = primary_role(cell)
+            main: tuple[str, Any] = (f"MLB ({role})", (cell.get("models") or {}).get(role) or {})
+        else:
+            main = ("MLB (missing)", None)
+        named = [(str(k), v if isinstance(v, Mapping) else None) for k, v in entries.items()]
+        for name, entry in [main, *named]:
+            row: dict[str, Any] = {"cell": cell_name(s, m), "method": name}
+            if entry is None:
+                if name != main[0]:
+                    row["method"] = f"{name} (missing)"
+                entry = {}
             sets = entry.get("sets")
             fps = entry.get("fps")
-            rows.append(
+            row.update(
                 {
-                    "cell": cell_name(s, m),
-                    "method": name,
+                    "input": "RGB" if name == main[0] else entry.get("required_input"),
                     "whole_mse": _lookup(sets, valset, "whole", "mse"),
                     "boundary_mse": _lookup(sets, valset, "boundary", "mse"),
                     "whole_sad": _lookup(sets, valset, "whole", "sad"),
                     "boundary_sad": _lookup(sets, valset, "boundary", "sad"),
                     "fps": float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) else None,
+                    "guidance": _set_guidance(entry, valset),
                 }
             )
+            rows.append(row)
     return rows
+
+
+def _set_guidance(entry: Mapping[str, Any], valset: str) -> str | None:
+    """The guidance a method got on ``valset`` (as evaluated), else its rule, else None."""
+    try:
+        used = entry["sets"][valset]["guidance"]
+        if isinstance(used, str) and used:
+            return used
+    except (KeyError, TypeError):
+        pass
+    rule = entry.get("guidance_rule")
+    return rule if isinstance(rule, str) and rule else None
+
+
+def methods_markdown(rows: Sequence[Mapping[str, Any]], valset: str) -> str:
+    """The method comparison as a Markdown table (MSE ×1e3, SAD /1e3, FPS)."""
+    lines = [
+        f"# Method comparison on the `{valset}` set",
+        "",
+        "MSE x1e3 and SAD /1e3, whole image and boundary region (0.05 < alpha < 0.95); lower is better "
+        "except FPS. Each related method is trained at the cell shown, on the same matte subset, and gets "
+        "the guidance listed, made from the validation set's ground truth.",
+        "",
+        "| cell | method | input | whole MSE x1e3 | boundary MSE x1e3 | whole SAD | boundary SAD | FPS | guidance |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def num(v: float | None, scale: float = 1.0) -> str:
+        return NOT_AVAILABLE if v is None else format_value(v * scale)
+
+    for r in rows:
+        fps = NOT_AVAILABLE if r.get("fps") is None else f"{r['fps']:.1f}"
+        lines.append(
+            f"| {r['cell']} | {r['method']} | {r.get('input') or ''} | {num(r['whole_mse'], 1e3)} | "
+            f"{num(r['boundary_mse'], 1e3)} | {num(r['whole_sad'])} | {num(r['boundary_sad'])} | {fps} | "
+            f"{r.get('guidance') or ''} |"
+        )
+    return "\n".join(lines) + "\n"

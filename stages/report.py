@@ -11,10 +11,18 @@ temporary sibling and renamed into place (a crash leaves the previous report int
     reports/heatmaps/<set>-<region>-<metric>.png     Figure-9-style heatmaps (mse, sad)
     reports/plots/<set>-<region>-mse.csv       long format seg,mat,cell,mse_x1e3 (dvc plots)
     reports/plots/<set>-<region>-mse/seg<S>.csv      one line per seg budget (dvc plots)
+    reports/methods.md, methods.csv            the method comparison (when methods were evaluated)
 
 Each cell shows its primary model (seg-only: pre-trained, mat-only: teacher, both: MLB
 student). MSE is printed x1e3 in tables and figures (raw in summary.json); SAD, Grad, Conn
 are /1000. A cell whose metrics file is missing is shown as "missing" and warned about.
+
+Method comparison: ``metrics/methods/<name>.json`` (the ``evaluate_method@<name>`` stage)
+for every method in ``methods.compare`` at the comparison cell ``methods.cell``, side by
+side with that cell's primary model (the MLB student): whole / boundary MSE and SAD on the
+natural set, FPS, the input and the evaluation guidance. A compared method whose file is
+missing is a row saying so (and a warning) once any compared method has a file (without
+any, the section is left out); files of other methods or cells are ignored with a warning.
 
     python -m stages.report --params params.yaml [--metrics-dir metrics] [--out reports]
 """
@@ -99,6 +107,48 @@ def load_cells(metrics_dir: Path, grid: Sequence[tuple[int, int]]) -> LoadedCell
         extra = sorted(p.name for p in metrics_dir.glob("seg*-mat*.json") if p.name not in expected)
         if extra:
             out.warnings.append("ignored metrics files outside this grid: " + ", ".join(extra))
+    return out
+
+
+@dataclass
+class LoadedMethods:
+    entries: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)  # cell -> name -> entry | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_methods(methods_dir: Path, compare: Sequence[str], cell: tuple[int, int]) -> LoadedMethods:
+    """Read ``<methods_dir>/<name>.json`` of each compared method at ``cell`` (see module doc)."""
+    out = LoadedMethods()
+    if not compare:
+        return out
+    found: dict[str, Any] = {}
+    for name in compare:
+        path = methods_dir / f"{name}.json"
+        if not path.is_file():
+            found[name] = None
+            out.warnings.append(f"missing method {name}: {path} not found")
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("sets"), dict):
+                raise ValueError("no 'sets' mapping")
+            if record.get("method") != name:
+                raise ValueError(f"it is for method {record.get('method')!r}")
+            at = (int(record.get("seg_count", -1)), int(record.get("mat_count", -1)))
+            if at != tuple(cell):
+                raise ValueError(f"it is for cell {core.cell_name(*at)}, methods.cell is {core.cell_name(*cell)}")
+        except (OSError, ValueError, TypeError) as err:
+            found[name] = None
+            out.warnings.append(f"unreadable method {name}: {path}: {err}")
+            continue
+        found[name] = record
+    if all(v is None for v in found.values()) and not any(w.startswith("unreadable") for w in out.warnings):
+        return LoadedMethods()  # the comparison has not been run: no section, no warnings
+    out.entries[tuple(cell)] = found
+    if methods_dir.is_dir():
+        extra = sorted(p.name for p in methods_dir.glob("*.json") if p.stem not in compare)
+        if extra:
+            out.warnings.append("ignored method metrics not in methods.compare: " + ", ".join(extra))
     return out
 
 
@@ -374,8 +424,9 @@ def _md_code(text: str) -> str:
 
 
 def _methods_html(rows: Sequence[Mapping[str, Any]], natural: str) -> str:
-    head = ('<tr><th class="l">cell</th><th class="l">method</th><th>whole MSE ×1e3</th><th>boundary MSE ×1e3</th>'
-            "<th>whole SAD /1e3</th><th>boundary SAD /1e3</th><th>FPS</th></tr>")
+    head = ('<tr><th class="l">cell</th><th class="l">method</th><th class="l">input</th><th>whole MSE ×1e3</th>'
+            "<th>boundary MSE ×1e3</th><th>whole SAD /1e3</th><th>boundary SAD /1e3</th><th>FPS</th>"
+            '<th class="l">evaluation guidance</th></tr>')
 
     def num(v: float | None, scale: float = 1.0, digits: int | None = None) -> str:
         if v is None:
@@ -384,12 +435,17 @@ def _methods_html(rows: Sequence[Mapping[str, Any]], natural: str) -> str:
 
     body = "".join(
         f'<tr><td class="l">{_e(r["cell"])}</td><td class="l">{_e(r["method"])}</td>'
+        f'<td class="l">{_e(r.get("input") or "")}</td>'
         + num(r["whole_mse"], 1e3) + num(r["boundary_mse"], 1e3) + num(r["whole_sad"]) + num(r["boundary_sad"])
-        + num(r["fps"], digits=1) + "</tr>"
+        + num(r["fps"], digits=1) + f'<td class="l">{_e(r.get("guidance") or "")}</td></tr>'
         for r in rows
     )
     return (f'<section id="methods"><h2>Method comparison</h2><p class="note">On the <code>{_e(natural)}</code> set; '
-            f'lower is better except FPS.</p><div class="card scroll"><table>{head}{body}</table></div></section>')
+            "lower is better except FPS. Each related method is trained at the cell shown on the same matte "
+            "subset (from the same seg-pretrained network) and gets the guidance listed, made from the "
+            "validation ground truth; the MLB row is the cell's primary model. "
+            '<a href="methods.md">Markdown</a> · <a href="methods.csv">CSV</a></p>'
+            f'<div class="card scroll"><table>{head}{body}</table></div></section>')
 
 
 def _cells_html(loaded: LoadedCells, grid_cells: Sequence[tuple[int, int]]) -> str:
@@ -574,7 +630,9 @@ def build_report(
         if lacking:
             loaded.warnings.append(f"cell {core.cell_name(s, m)} has no {', '.join(lacking)} results (shown as n/a)")
     findings = core.check_findings(loaded.cells, study.seg, study.mat, natural)
-    methods = core.method_rows(loaded.cells, natural)
+    compared = load_methods(metrics_dir / "methods", params.methods.compare, params.comparison_cell())
+    loaded.warnings.extend(compared.warnings)
+    methods = core.method_rows(loaded.cells, natural, compared.entries)
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     with atomic.atomic_dir(out) as tmp:
@@ -608,12 +666,25 @@ def build_report(
         }
         (tmp / "findings.json").write_text(json.dumps(findings_doc, indent=2) + "\n", encoding="utf-8")
         (tmp / "findings.md").write_text(findings_markdown(findings), encoding="utf-8")
+        if methods:
+            _write_methods(tmp, methods, natural)
         page = render_html(
             sections=sections, findings=findings, loaded=loaded, grid_cells=grid_cells, params=params,
             command=command, metrics_dir=str(metrics_dir), natural=natural, methods=methods, generated=generated,
         )
         (tmp / "index.html").write_text(page, encoding="utf-8")
     return ReportResult(findings, loaded.warnings, len(loaded.cells), len(grid_cells), out)
+
+
+def _write_methods(folder: Path, rows: Sequence[Mapping[str, Any]], natural: str) -> None:
+    """``methods.md`` and ``methods.csv`` (raw values: MSE not scaled, SAD /1000)."""
+    import csv
+
+    (folder / "methods.md").write_text(core.methods_markdown(rows, natural), encoding="utf-8")
+    with open(folder / "methods.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(core.METHOD_COLUMNS), lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _write_plots(folder: Path, grid: core.Grid) -> None:
