@@ -8,6 +8,7 @@ pseudolabel (local Ray), student, the three evaluate kinds and the report.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def test_every_stage_ran(study):
     stages = [line.split()[0] for line in dvc(root, "stage", "list").stdout.splitlines() if line.strip()]
     assert {"ingest", "shard", "composite", "pretrain@12", "teacher_scratch@4", "teacher@12-4",
             "pseudolabel@12-4", "student@12-4", "evaluate_seg_only@12", "evaluate_mat_only@4",
-            "evaluate@12-4", "report"} == set(stages)
+            "evaluate@12-4", "report",
+            *(f"{kind}@{name}" for kind in ("method", "evaluate_method")
+              for name in ("dim", "adamatting", "mgm", "mgm_wild", "mam"))} == set(stages)
     for stage in stages:
         assert f"Running stage '{stage}'" in log
     # (0, 0) is never a cell: nothing was trained or evaluated for it.
@@ -95,7 +98,12 @@ def test_mlflow_holds_one_parent_run_per_cell_with_nested_training(study):
 def test_report_is_written_offline(study):
     root, _ = study
     html = (root / "reports" / "index.html").read_text(encoding="utf-8")
-    assert "http://" not in html and "https://" not in html
+    links = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', html)
+    assert links, "the report embeds its heatmaps"
+    for link in links:
+        assert not re.match(r"^[a-z]+://", link), f"report loads {link} from the network"
+        if not link.startswith("#"):
+            assert (root / "reports" / link).is_file(), link
     findings = json.loads((root / "reports" / "findings.json").read_text())
     assert json.dumps(findings).count("held") >= 3
     assert (root / "reports" / "heatmaps" / "natural-boundary-mse.png").stat().st_size > 1000
@@ -115,3 +123,13 @@ def test_changing_a_student_param_reruns_only_its_dependents(study):
     finally:
         params["train"]["student"]["iters"] = 4
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_methods_comparison_rows_in_the_report(study):
+    root, _ = study
+    table = (root / "reports" / "methods.csv").read_text(encoding="utf-8")
+    for name in ("dim", "adamatting", "mgm", "mgm_wild", "mam"):
+        assert name in table
+        metrics = json.loads((root / "metrics" / "methods" / f"{name}.json").read_text())
+        assert metrics["models"], name
+    assert "Method comparison" in (root / "reports" / "index.html").read_text(encoding="utf-8")
