@@ -332,10 +332,18 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset: ViewDataset, batch_size: int, start_step: int, num_workers: int) -> DataLoader:
-    """Endless loader of collated batches, resuming at ``start_step``."""
+    """Endless loader of collated batches, resuming at ``start_step``.
+
+    Workers start from a fork server, not a plain fork: forking a process whose OpenCV or
+    OpenMP thread pools are live (any process that already decoded or trained) can
+    deadlock the child on its first threaded call.
+    """
+    import multiprocessing
+
     sampler = PositionSampler(len(dataset), dataset.seed, start=start_step * batch_size)
     return DataLoader(
         dataset,
+        multiprocessing_context=multiprocessing.get_context("forkserver") if num_workers > 0 else None,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=True,
