@@ -294,6 +294,26 @@ def cosine_schedule(
 # --------------------------------------------------------------------------------- step
 
 
+def backward_and_step(
+    total: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scheduler: Any | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
+    """Backward ``total`` (scaled when an AMP ``scaler`` is given), optimiser step, then the
+    scheduler step. Shared by every training step (MLB and the related methods)."""
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -326,14 +346,5 @@ def train_step(
         pred = model(images)
     pred = {k: v.float() for k, v in pred.items()}
     terms = objective(pred, batch)
-    total = terms["total"]
-    if scaler is not None:
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        total.backward()
-        optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    backward_and_step(terms["total"], optimizer, scheduler=scheduler, scaler=scaler)
     return {k: v.detach() for k, v in terms.items()}

@@ -38,6 +38,7 @@ from torch import nn
 from matting_core.losses import weighted_mean
 from matting_core.models import ASPP, ResNetBackbone, pad_to_multiple, scaled_channels
 from matting_core.models.unet import DEFAULT_DECODER_CHANNELS, IMAGENET_MEAN, IMAGENET_STD, _DecoderBlock
+from matting_core.training import backward_and_step
 
 __all__ = [
     "DEFAULT_DECODER_CHANNELS",
@@ -396,16 +397,7 @@ def optimise(
     else:
         pred = forward()
     terms = objective(to_float32(pred))
-    total = terms["total"]
-    if scaler is not None:
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        total.backward()
-        optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    backward_and_step(terms["total"], optimizer, scheduler=scheduler, scaler=scaler)
     return {k: v.detach() for k, v in terms.items()}
 
 
