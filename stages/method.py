@@ -385,16 +385,9 @@ def build_job(args: argparse.Namespace, params, device=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.config import load_params
-    from stages.training import resolve_device, run_stage, train
+    from stages.training import run_training_stage
 
-    def body():
-        params = load_params(args.params)
-        device = resolve_device(args.device or params.train.device)
-        result = train(build_job(args, params, device), device)
-        print(f"method {args.method}: wrote {result['model_path']} (MLflow run {result['run_id']})")
-
-    return run_stage("method", body)
+    return run_training_stage("method", build_job, args, label=f"method {args.method}")
 
 
 if __name__ == "__main__":

@@ -65,16 +65,9 @@ def build_job(args: argparse.Namespace, params, device=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.config import load_params
-    from stages.training import resolve_device, run_stage, train
+    from stages.training import run_training_stage
 
-    def body():
-        params = load_params(args.params)
-        device = resolve_device(args.device or params.train.device)
-        result = train(build_job(args, params, device), device)
-        print(f"pretrain: wrote {result['model_path']} (MLflow run {result['run_id']})")
-
-    return run_stage("pretrain", body)
+    return run_training_stage("pretrain", build_job, args)
 
 
 if __name__ == "__main__":

@@ -761,6 +761,20 @@ def run_stage(stage: str, build_and_train: Callable[[], Any]) -> int:
     return 0
 
 
+def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: str | None = None) -> int:
+    """The ``run`` of every training stage: load params, pick the device, build the job
+    with ``build_job(args, params, device)``, train, report where the model went."""
+    from stages.config import load_params
+
+    def body():
+        params = load_params(args.params)
+        device = resolve_device(args.device or params.train.device)
+        result = train(build_job(args, params, device), device)
+        print(f"{label or stage}: wrote {result['model_path']} (MLflow run {result['run_id']})")
+
+    return run_stage(stage, body)
+
+
 def step_hyper(step_cfg, iters: int | None) -> dict[str, Any]:
     """The step's hyper-parameters as a plain dict, with the ``--iters`` override applied."""
     hyper = step_cfg.model_dump(mode="python")
