@@ -88,6 +88,7 @@ __all__ = [
     "optimizer_parameters",
     "predict",
     "predict_image",
+    "apply_known_regions",
 ]
 
 GUIDANCE_HELP = {
@@ -480,7 +481,10 @@ def predict_image(
 
     The image is resized so its shorter side is ``short_side``; a trimap/mask is resized the
     same way with nearest-neighbour sampling, a prompt is mapped with :func:`mam.scale_prompt`;
-    the alpha goes back to (H, W) bilinearly and is clipped to [0, 1].
+    the alpha goes back to (H, W) bilinearly and is clipped to [0, 1]. With a trimap, its
+    known regions are kept as given (0 background, 1 foreground; the network's alpha only
+    fills the unknown region), as DIM's and AdaMatting's evaluation protocols do: the user
+    stated them, so a network's error there is not an error of the matte.
 
     Args:
         model: a network built by :func:`build` (its spec says the method).
@@ -504,6 +508,7 @@ def predict_image(
     resized = resize_short_side(rgb, short_side) if short_side else rgb
     new_h, new_w = resized.shape[:2]
     g = normalize_guidance(method.required_input, guidance)
+    known = g[0] if method.required_input == "trimap" else None
     if method.required_input == "prompt":
         g = mam.scale_prompt(g, new_w / width, new_h / height)[None]
     else:
@@ -518,4 +523,19 @@ def predict_image(
     alpha = method.predict(model, x, torch.from_numpy(np.ascontiguousarray(g)))[0, 0].float().cpu().numpy()
     if alpha.shape != (height, width):
         alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
-    return np.clip(alpha, 0.0, 1.0).astype(np.float32)
+    alpha = np.clip(alpha, 0.0, 1.0)
+    if known is not None:
+        alpha = apply_known_regions(alpha, known)
+    return alpha.astype(np.float32)
+
+
+def apply_known_regions(alpha: np.ndarray, trimap: np.ndarray) -> np.ndarray:
+    """``alpha`` with the trimap's known regions set: 0 where trimap < ¼, 1 where > ¾.
+
+    ``trimap`` is (H, W) in [0, 1] (0 background, 0.5 unknown, 1 foreground), the same size
+    as ``alpha``; the thresholds keep a resized or JPEG-softened trimap's classes.
+    """
+    if trimap.shape != alpha.shape:
+        raise ValueError(f"trimap is {trimap.shape}, alpha is {alpha.shape}")
+    out = np.where(trimap < 0.25, 0.0, alpha)
+    return np.where(trimap > 0.75, 1.0, out).astype(alpha.dtype, copy=False)

@@ -17,6 +17,7 @@ from matting_core.methods import (
     method_of,
     normalize_guidance,
     predict,
+    apply_known_regions,
     predict_image,
 )
 from matting_core.methods.mam import box_prompt, point_prompt
@@ -143,6 +144,32 @@ def test_predict_image_resizes_image_and_guidance(name):
     assert out.shape == (60, 44) and out.dtype == np.float32
     assert 0 <= out.min() and out.max() <= 1
     assert model.training  # mode restored
+
+
+@pytest.mark.parametrize("name", ["dim", "adamatting"])
+def test_trimap_methods_keep_the_trimaps_known_regions(name):
+    """DIM/AdaMatting protocol: the network's alpha only fills the trimap's unknown band."""
+    model = build_tiny(name)
+    with torch.no_grad():  # push the raw output away from 0 and 1 so the rule is visible
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    alpha = disc_alpha(60, 44, 30, 22, 14)
+    image = (np.random.default_rng(1).random((60, 44, 3)) * 255).astype(np.uint8)
+    trimap = (get_method(name).make_guidance(alpha, train=False)[0] * 255).round().astype(np.uint8)
+    assert (trimap == 0).any() and (trimap == 255).any() and (trimap == 128).any()
+    out = predict_image(model, image, trimap, short_side=32)
+    np.testing.assert_array_equal(out[trimap == 0], 0.0)
+    np.testing.assert_array_equal(out[trimap == 255], 1.0)
+    band = out[trimap == 128]
+    assert np.any((band > 0) & (band < 1))  # the unknown band is the network's
+
+
+def test_apply_known_regions():
+    alpha = np.full((1, 5), 0.4, np.float32)
+    trimap = np.array([[0.0, 0.2, 0.5, 0.8, 1.0]], np.float32)
+    np.testing.assert_array_equal(apply_known_regions(alpha, trimap), [[0, 0, 0.4, 1, 1]])
+    with pytest.raises(ValueError, match="trimap"):
+        apply_known_regions(alpha, trimap[:, :4])
 
 
 def test_normalize_guidance():
