@@ -34,9 +34,7 @@ matching its ``--mat 0``); other stages (ingest, report) belong to no cell.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED
@@ -52,17 +50,23 @@ from prefect.runtime import task_run as task_run_info
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from flows.graph import (  # noqa: F401  (re-exported: flows.study and the tests import them here)
+    _DVC_LOCK_ERRORS,
+    _LOCK_RETRIES,
+    Cell,
+    StageNode,
+    _failure_reason,
+    dvc_command,
+    load_pipeline,
+    select_stages,
+    stage_env,
+)
 from stages.tracking import cell_name
-
-Cell = tuple[int, int]
 
 OUTCOME_RAN = "ran"
 OUTCOME_SKIPPED = "skipped (up to date)"
 OUTCOME_RUN_CACHE = "restored from run cache"
 
-# DVC path-lock contention (not a stage failure): retried with back-off inside the task.
-_DVC_LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")
-_LOCK_RETRIES = 5
 _TAIL_LINES = 15
 
 
@@ -80,149 +84,7 @@ class StageFailed(RuntimeError):
         return type(self), (self.stage, self.code, self.reason, self.tail, self.attempt)
 
 
-# DVC's own lines around a failing command; the stage's reason is the last line not like these.
-_DVC_NOISE = re.compile(r"^(ERROR: failed to reproduce|Running stage '|> |Updating lock file|Use `dvc push`)")
-
-
-def _failure_reason(lines: list[str]) -> str:
-    own = [line.strip() for line in lines if line.strip() and not _DVC_NOISE.match(line.strip())]
-    return own[-1] if own else (lines[-1].strip() if lines else "no output")
-
-
-@dataclass(frozen=True)
-class StageNode:
-    """One DVC stage instance and the stage instances that produce its deps."""
-
-    name: str  # DVC address, e.g. "teacher@60-8" (what `dvc repro -s` takes)
-    group: str  # its dvc.yaml stage name, e.g. "teacher"
-    cell: Cell | None  # (seg, mat) grid cell, None for stages outside the grid
-    parents: tuple[str, ...]
-
-    @property
-    def label(self) -> str:
-        """Task run name: ``teacher seg60-mat8``, ``ingest``."""
-        if self.cell is None:
-            return self.name
-        return f"{self.group} {cell_name(*self.cell)}"
-
-
-# --------------------------------------------------------------------------- graph
-
-
-def _matrix_item(stage) -> dict[str, Any] | None:
-    """The ``matrix``/``foreach`` item a stage instance was generated from, or None."""
-    group, sep, key = stage.name.partition("@")
-    if not sep:
-        return None
-    try:
-        item = stage.dvcfile.resolver.definitions[group].normalized_iterable[key]
-    except (AttributeError, KeyError, TypeError):
-        return None
-    return item if isinstance(item, dict) else None
-
-
-def _cell_of(item: dict[str, Any] | None) -> Cell | None:
-    if not item or not ({"seg", "mat"} & item.keys()):
-        return None
-    # Items of a `${...}`-interpolated matrix are DVC context nodes; `.value` is the plain value.
-    return tuple(int(getattr(item.get(axis, 0), "value", item.get(axis, 0))) for axis in ("seg", "mat"))
-
-
-def load_pipeline(root: str | Path) -> dict[str, StageNode]:
-    """Every pipeline stage instance of the DVC project at ``root``, in topological order.
-
-    Parents are the pipeline stages whose outs this stage depends on, as DVC's own
-    graph has them. ``.dvc``-tracked data (not pipeline stages) are not nodes.
-    """
-    from dvc.repo import Repo
-    from dvc.stage import PipelineStage
-
-    root = Path(root).resolve()
-
-    def address(stage) -> str:  # what `dvc repro` takes, run from root
-        dvcfile = os.path.relpath(stage.dvcfile.path, root)
-        return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
-
-    with Repo(str(root)) as repo:
-        index = repo.index
-        graph = index.graph
-        stages = [s for s in index.stages if isinstance(s, PipelineStage)]
-        nodes = {}
-        for stage in stages:
-            # DVC's graph points from a stage to the stages it depends on.
-            parents = sorted(address(p) for p in graph.successors(stage) if isinstance(p, PipelineStage))
-            nodes[address(stage)] = StageNode(
-                name=address(stage),
-                group=stage.name.partition("@")[0],
-                cell=_cell_of(_matrix_item(stage)),
-                parents=tuple(parents),
-            )
-    return {name: nodes[name] for name in _topological(nodes)}
-
-
-def _topological(nodes: dict[str, StageNode]) -> list[str]:
-    """Kahn's order, ties broken by dvc.yaml order (stable, readable run order)."""
-    rank = {name: i for i, name in enumerate(nodes)}
-    indegree = {name: len(node.parents) for name, node in nodes.items()}
-    children: dict[str, list[str]] = {name: [] for name in nodes}
-    for name, node in nodes.items():
-        for parent in node.parents:
-            children[parent].append(name)
-    ready = sorted((n for n, d in indegree.items() if d == 0), key=rank.__getitem__)
-    order = []
-    while ready:
-        name = ready.pop(0)
-        order.append(name)
-        for child in children[name]:
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                ready.append(child)
-        ready.sort(key=rank.__getitem__)
-    if len(order) != len(nodes):  # DVC refuses cycles already; keep the guard honest
-        raise ValueError("the DVC pipeline has a cycle: " + ", ".join(sorted(set(nodes) - set(order))))
-    return order
-
-
-def select_stages(nodes: dict[str, StageNode], cells: list[Cell] | set[Cell]) -> list[str]:
-    """The stage instances a run over ``cells`` needs, in topological order.
-
-    - every instance of those cells, and everything upstream of them (their DVC
-      ancestors, whatever their cell: cell (60, 8) needs ``pretrain@60``);
-    - stages outside the grid whose parents are all selected (``report`` over the whole
-      grid; a single cell does not run ``report``, which needs every cell).
-    """
-    cells = set(cells)
-    wanted = {name for name, node in nodes.items() if node.cell in cells}
-    stack = list(wanted)
-    while stack:
-        for parent in nodes[stack.pop()].parents:
-            if parent not in wanted:
-                wanted.add(parent)
-                stack.append(parent)
-    for name, node in nodes.items():  # topological: a parent is decided before its child
-        if name not in wanted and node.cell is None and node.parents and all(p in wanted for p in node.parents):
-            wanted.add(name)
-    return [name for name in nodes if name in wanted]
-
-
 # --------------------------------------------------------------------------- one stage
-
-
-def dvc_command(*args: str) -> list[str]:
-    """``dvc`` of this interpreter's environment (the served runner may have no PATH to it)."""
-    return [sys.executable, "-m", "dvc", *args]
-
-
-def stage_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of a stage command: this venv first on PATH (stages call ``python``),
-    unbuffered output, no analytics, MLflow on the project's store unless set."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(root).resolve() / 'mlflow.db'}")
-    env.update(extra or {})
-    return env
 
 
 def _stream(cmd: list[str], root: Path, env: dict[str, str], logger) -> tuple[int, list[str]]:
