@@ -115,7 +115,7 @@ def run_pipeline(
     keep_going: bool = False,
     exclusive: tuple[str, ...] = DEFAULT_EXCLUSIVE,
     track_cells: bool = True,
-    out=sys.stdout,
+    out=None,
 ) -> list[StageResult]:
     """Bring every stage instance of the DVC project at ``root`` up to date, ``jobs`` at a time.
 
@@ -128,7 +128,7 @@ def run_pipeline(
             (default: start nothing new, let the running ones finish).
         exclusive: stage groups (dvc.yaml names) of which one instance runs at a time.
         track_cells: create the grid cells' MLflow parent runs first (see module doc).
-        out: where the progress lines go.
+        out: where the progress lines go (default: standard output).
 
     Returns:
         One :class:`StageResult` per stage instance, in DVC's topological order.
@@ -143,7 +143,7 @@ def run_pipeline(
         raise ReproError(f"--threads must be >= 1, got {threads}")
 
     def say(text: str) -> None:
-        print(text, file=out, flush=True)
+        print(text, file=out if out is not None else sys.stdout, flush=True)
 
     nodes = load_pipeline(root)
     env = stage_env(root)
@@ -214,8 +214,8 @@ def run_pipeline(
             for name in list(waiting):
                 node = nodes[name]
                 parents = [results.get(p) for p in node.parents]
-                if any(r is not None and r.outcome in ("failed", "not run") for r in parents):
-                    bad = [p for p in node.parents if results[p].outcome in ("failed", "not run")]
+                bad = [r.stage for r in parents if r is not None and r.outcome in ("failed", "not run")]
+                if bad:
                     results[name] = StageResult(name, "not run", reason="upstream " + ", ".join(bad) + " did not complete")
                     waiting.remove(name)
                     continue

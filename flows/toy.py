@@ -36,7 +36,8 @@ ctl.mkdir(exist_ok=True)
 
 def event(kind):
     line = json.dumps({"stage": stage, "event": kind, "t": time.time(), "pid": os.getpid(),
-                       "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")})
+                       "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                       "threads": os.environ.get("OMP_NUM_THREADS")})
     with open(ctl / "timeline.jsonl", "a") as fh:
         fh.write(line + "\\n")
 

@@ -167,7 +167,7 @@ def test_trimap_methods_keep_the_trimaps_known_regions(name):
 def test_apply_known_regions():
     alpha = np.full((1, 5), 0.4, np.float32)
     trimap = np.array([[0.0, 0.2, 0.5, 0.8, 1.0]], np.float32)
-    np.testing.assert_array_equal(apply_known_regions(alpha, trimap), [[0, 0, 0.4, 1, 1]])
+    np.testing.assert_array_equal(apply_known_regions(alpha, trimap), np.float32([[0, 0, 0.4, 1, 1]]))
     with pytest.raises(ValueError, match="trimap"):
         apply_known_regions(alpha, trimap[:, :4])
 
