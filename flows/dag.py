@@ -33,7 +33,6 @@ matching its ``--mat 0``); other stages (ingest, report) belong to no cell.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
@@ -56,16 +55,18 @@ from flows.graph import (  # noqa: F401  (re-exported: flows.study and the tests
     Cell,
     StageNode,
     _failure_reason,
+    OUTCOME_RAN,
+    OUTCOME_RUN_CACHE,
+    OUTCOME_SKIPPED,
     dvc_command,
     load_pipeline,
     select_stages,
     stage_env,
+    stage_outcome,
+    tracking_uri,
 )
 from stages.tracking import cell_name
 
-OUTCOME_RAN = "ran"
-OUTCOME_SKIPPED = "skipped (up to date)"
-OUTCOME_RUN_CACHE = "restored from run cache"
 
 _TAIL_LINES = 15
 
@@ -113,16 +114,9 @@ def record_cell_run(cell: dict[str, Any], env: dict[str, str]) -> str:
     from stages import tracking
 
     with _mlflow_lock:  # one creator at a time: the parent run is found by its tags
-        saved = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-        try:
+        with tracking_uri(env["MLFLOW_TRACKING_URI"]):
             run_id = tracking.get_or_create_cell_run(cell["experiment"], cell["seg"], cell["mat"], cell["network"])
             experiment_id = tracking.setup(cell["experiment"])
-        finally:
-            if saved is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved
     name = cell_name(cell["seg"], cell["mat"])
     create_link_artifact(
         link=f"{cell['ui_url'].rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}",
@@ -177,12 +171,7 @@ def run_stage(
             continue
         tail = "\n".join(line for line in lines[-_TAIL_LINES:] if line.strip())
         raise StageFailed(stage, code, _failure_reason(lines), tail, attempt)
-    if "didn't change, skipping" in text:
-        outcome = OUTCOME_SKIPPED
-    elif "is cached - skipping run" in text:
-        outcome = OUTCOME_RUN_CACHE
-    else:
-        outcome = OUTCOME_RAN
+    outcome = stage_outcome(text)
     return {**result, "outcome": outcome, "seconds": round(time.monotonic() - started, 1)}
 
 

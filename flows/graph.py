@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ from typing import Any
 from stages.tracking import cell_name
 
 Cell = tuple[int, int]
+
+OUTCOME_RAN = "ran"
+OUTCOME_SKIPPED = "skipped (up to date)"
+OUTCOME_RUN_CACHE = "restored from run cache"
 
 # DVC path-lock contention (not a stage failure): retried with back-off inside the task.
 _DVC_LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")
@@ -170,3 +175,26 @@ def stage_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]
     env.update(extra or {})
     return env
 
+
+
+def stage_outcome(text: str) -> str:
+    """What ``dvc repro --single-item`` did, from its output: ran, skipped or restored."""
+    if "didn't change, skipping" in text:
+        return OUTCOME_SKIPPED
+    if "is cached - skipping run" in text:
+        return OUTCOME_RUN_CACHE
+    return OUTCOME_RAN
+
+
+@contextmanager
+def tracking_uri(uri: str):
+    """``MLFLOW_TRACKING_URI`` set to ``uri`` in this process for the block, then restored."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved

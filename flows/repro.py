@@ -37,7 +37,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.graph import _DVC_LOCK_ERRORS, _LOCK_RETRIES, StageNode, _failure_reason, dvc_command, load_pipeline, stage_env
+from flows.graph import (
+    _DVC_LOCK_ERRORS,
+    _LOCK_RETRIES,
+    StageNode,
+    _failure_reason,
+    dvc_command,
+    load_pipeline,
+    stage_env,
+    stage_outcome,
+    tracking_uri,
+)
 
 LOG_DIR = Path("logs") / "repro"
 DEFAULT_EXCLUSIVE = ("pseudolabel",)
@@ -73,14 +83,6 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, jobs))
 
 
-def _outcome(text: str) -> str:
-    if "didn't change, skipping" in text:
-        return "skipped (up to date)"
-    if "is cached - skipping run" in text:
-        return "restored from run cache"
-    return "ran"
-
-
 def prepare_cell_runs(root: Path, nodes: dict[str, StageNode], env: dict[str, str]) -> int:
     """Create (or find) the MLflow parent run of every grid cell, one at a time.
 
@@ -95,16 +97,9 @@ def prepare_cell_runs(root: Path, nodes: dict[str, StageNode], env: dict[str, st
     from stages.config import load_params
 
     params = load_params(params_file)
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
+    with tracking_uri(env["MLFLOW_TRACKING_URI"]):
         for seg, mat in cells:
             tracking.get_or_create_cell_run(params.study.experiment, seg, mat, params.model.network)
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
     return len(cells)
 
 
@@ -196,7 +191,7 @@ def run_pipeline(
             say("\n".join(f"        | {line}" for line in tail))
             say(f"        full log: {os.path.relpath(item.log, Path.cwd())}")
             return
-        outcome = _outcome(text)
+        outcome = stage_outcome(text)
         results[name] = StageResult(name, outcome, seconds, log=item.log)
         say(f"[{len(results):>3}/{total}] {outcome:<7} {name} ({seconds:.1f} s)")
 
