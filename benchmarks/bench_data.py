@@ -25,9 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.config import parse_params  # noqa: E402
+from matting_pipeline.config import parse_params  # noqa: E402
 from stages.composite import composite_all  # noqa: E402
-from stages.ingest import default_workers, generate_synthetic, ingest  # noqa: E402
+from matting_pipeline.shards import default_workers  # noqa: E402
+from stages.ingest import generate_synthetic, ingest  # noqa: E402
 from stages.shard import shard_all  # noqa: E402
 
 

@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from matting_core.checkpoint import load_model, save_checkpoint  # noqa: E402
 from matting_core.models import build_network  # noqa: E402
 from stages import pseudolabel as stage  # noqa: E402
-from stages.config import parse_params  # noqa: E402
-from stages.shards import ShardWriter, iter_encoded_samples, iter_samples, seeded_order, write_shard_set  # noqa: E402
+from matting_pipeline.config import parse_params  # noqa: E402
+from matting_pipeline.shards import ShardWriter, iter_encoded_samples, iter_samples, seeded_order, write_shard_set  # noqa: E402
 
 
 def make_inputs(root: Path, n: int, size: int, network: str, samples_per_shard: int) -> None:

@@ -65,7 +65,7 @@ from flows.graph import (  # noqa: F401  (re-exported: flows.study and the tests
     stage_outcome,
     tracking_uri,
 )
-from stages.tracking import cell_name
+from matting_pipeline.layout import cell_name
 
 
 _TAIL_LINES = 15
@@ -111,7 +111,7 @@ def record_cell_run(cell: dict[str, Any], env: dict[str, str]) -> str:
 
     ``cell``: experiment, seg, mat, network, ui_url. Returns the MLflow run id.
     """
-    from stages import tracking
+    from matting_pipeline import tracking
 
     with _mlflow_lock:  # one creator at a time: the parent run is found by its tags
         with tracking_uri(env["MLFLOW_TRACKING_URI"]):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.tracking import cell_name
+from matting_pipeline.layout import cell_name
 
 Cell = tuple[int, int]
 

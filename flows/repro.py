@@ -93,8 +93,8 @@ def prepare_cell_runs(root: Path, nodes: dict[str, StageNode], env: dict[str, st
     params_file = root / "params.yaml"
     if not cells or not params_file.is_file():
         return 0
-    from stages import tracking
-    from stages.config import load_params
+    from matting_pipeline import tracking
+    from matting_pipeline.config import load_params
 
     params = load_params(params_file)
     with tracking_uri(env["MLFLOW_TRACKING_URI"]):

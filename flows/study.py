@@ -41,9 +41,9 @@ from flows.dag import (
     run_stages,
     select_stages,
 )
-from stages import atomic
-from stages.config import ConfigError, Params, StudyConfig, load_params
-from stages.tracking import cell_name
+from matting_pipeline import atomic
+from matting_pipeline.config import ConfigError, Params, StudyConfig, load_params
+from matting_pipeline.layout import cell_name
 
 PROFILES = {"demo": "params.yaml", "paper": "params-paper.yaml"}
 ACTIVE_PARAMS = "params.yaml"

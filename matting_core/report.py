@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from matting_core.grid import cell_kind, cell_name
+
 __all__ = [
     "DASH",
     "DISPLAY_SCALE",
@@ -74,25 +76,9 @@ MISSING = "missing"  # the cell's metrics file is absent (or unreadable)
 NOT_AVAILABLE = "n/a"  # the file exists but lacks this set / region / metric
 
 
-def cell_name(seg_count: int, mat_count: int) -> str:
-    """``seg<S>-mat<M>``, the same name as ``stages.tracking.cell_name`` and the metrics file."""
-    return f"seg{int(seg_count)}-mat{int(mat_count)}"
-
-
 def safe_name(name: str) -> str:
     """``name`` with anything but letters, digits, ``_.-`` replaced by ``_`` (file names, ids)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
-
-
-def cell_kind(seg_count: int, mat_count: int) -> str:
-    """``seg_only`` (S, 0), ``mat_only`` (0, M) or ``both``; (0, 0) is not a cell."""
-    if seg_count <= 0 and mat_count <= 0:
-        raise ValueError("(0, 0) is not a cell of the study")
-    if mat_count <= 0:
-        return "seg_only"
-    if seg_count <= 0:
-        return "mat_only"
-    return "both"
 
 
 def grid_axes(seg: Sequence[int], mat: Sequence[int]) -> tuple[list[int], list[int]]:

@@ -1,6 +1,6 @@
 """Pure pieces of the three training steps (METHOD.md §1): views, labels, EMA, schedule, step.
 
-Nothing here knows a file path or a params.yaml key; ``stages/training.py`` wires these
+Nothing here knows a file path or a params.yaml key; ``matting_pipeline/trainer.py`` wires these
 into the resumable loop.
 
 Views (one sample → the arrays one training example needs)
@@ -110,7 +110,7 @@ def make_views(
 
     Args:
         sample: ``{"image": (H, W, 3) uint8, role: (H, W) float32 in [0, 1] | (H, W, 3) uint8,
-            ...}`` — e.g. the dict :func:`stages.shards.iter_samples` yields. Roles not in
+            ...}`` — e.g. the dict :func:`matting_pipeline.shards.iter_samples` yields. Roles not in
             ``roles`` are ignored.
         rng: the sample's generator (see :func:`sample_rng`). Draw order: the geometry
             (:func:`matting_core.augment.sample_geometry`), then, when ``strong``, the

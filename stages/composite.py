@@ -51,9 +51,10 @@ import numpy as np
 
 import matting_core.compositing
 from matting_core.compositing import composite, composite_two_instances, fit_background, layer_two_instances
-from stages import shards
-from stages.config import CompositeConfig, load_params
-from stages.ingest import default_workers
+from matting_pipeline import shards
+from matting_pipeline.config import CompositeConfig, load_params
+from matting_pipeline.layout import Layout
+from matting_pipeline.shards import default_workers
 
 DESCRIPTION = __doc__
 
@@ -270,12 +271,12 @@ def composite_all(
 ) -> dict[str, dict]:
     """Run the stage; returns ``{set name: index}`` of the sets written or up to date."""
     workers = default_workers() if workers is None else max(1, int(workers))
-    data_root = Path(data_root)
-    matte_dir, bg_dir = data_root / "shards" / "matte", data_root / "shards" / "background"
+    layout = Layout(data=data_root)
+    matte_dir, bg_dir = layout.shard_set("matte"), layout.shard_set("background")
     matte_index, bg_index = shards.read_index(matte_dir), shards.read_index(bg_dir)
     jobs = plan(matte_index["order"], bg_index["order"], cfg)
     digest = fingerprint(matte_index, bg_index, cfg, samples_per_shard)
-    out_root = data_root / "composite"
+    out_root = layout.composite_root
     wanted = [TRAIN_SET] + ([VAL_SET] if cfg.val_composited else [])
     todo = []
     indexes = {}
@@ -336,6 +337,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("composite")

@@ -34,14 +34,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from stages import atomic, tracking
-from stages.config import load_params
+from matting_pipeline import atomic, tracking
+from matting_pipeline.config import COMPARED_METHODS, load_params
+from matting_pipeline.layout import MODEL_NAME, Layout, cell_kind, cell_name
 
 DESCRIPTION = __doc__
 
@@ -49,41 +49,30 @@ REGIONS = ("whole", "boundary", "unknown")
 METRICS = ("sad", "mse", "grad", "conn")
 
 
-def cell_kind(seg_count: int, mat_count: int) -> str:
-    if seg_count < 0 or mat_count < 0 or (seg_count, mat_count) == (0, 0):
-        raise ValueError(f"no such grid cell: seg={seg_count}, mat={mat_count} ((0, 0) is not a cell)")
-    if mat_count == 0:
-        return "seg_only"
-    if seg_count == 0:
-        return "mat_only"
-    return "both"
-
-
 def cell_models(
-    models_root: Path, seg_count: int, mat_count: int, method: str = "mlb"
+    layout: Layout, seg_count: int, mat_count: int, method: str = "mlb"
 ) -> tuple[str, dict[str, Path]]:
     """The primary role and the checkpoints to evaluate for a cell (``method``: params.yaml's)."""
-    cell = tracking.cell_name(seg_count, mat_count)
     kind = cell_kind(seg_count, mat_count)
     if kind == "seg_only":
-        return "pretrain", {"pretrain": models_root / "pretrain" / f"seg{seg_count}" / "model.pt"}
+        return "pretrain", {"pretrain": layout.model_path("pretrain", seg_count)}
     if kind == "mat_only" or method != "mlb":
-        return "teacher", {"teacher": models_root / "teacher" / cell / "model.pt"}
+        return "teacher", {"teacher": layout.model_path("teacher", seg_count, mat_count)}
     return "student", {
-        "student": models_root / "student" / cell / "model.pt",
-        "teacher": models_root / "teacher" / cell / "model.pt",
+        "student": layout.model_path("student", seg_count, mat_count),
+        "teacher": layout.model_path("teacher", seg_count, mat_count),
     }
 
 
-def validation_sets(data_root: Path) -> dict[str, Path]:
+def validation_sets(layout: Layout) -> dict[str, Path]:
     """Every validation shard set: ``data/shards/val-<name>`` and the composited set."""
     sets: dict[str, Path] = {}
-    shards = data_root / "shards"
+    shards = layout.shards_root
     if shards.is_dir():
         for path in sorted(shards.glob("val-*")):
             if (path / "index.json").is_file():
                 sets[path.name[len("val-"):]] = path
-    composited = data_root / "composite" / "val-composited"
+    composited = layout.composite_set("val-composited")
     if (composited / "index.json").is_file():
         sets["composited"] = composited
     return sets
@@ -165,7 +154,7 @@ def evaluate_model(
     from matting_core.inference import predict_alpha
     from matting_core.methods import predict_image
     from matting_core.metrics import evaluate_alpha
-    from stages.shards import iter_samples
+    from matting_pipeline.shards import iter_samples
 
     try:
         from tqdm import tqdm
@@ -212,34 +201,34 @@ def evaluate_model(
     return results
 
 
-def evaluate_cell(params, seg_count: int, mat_count: int, data_root: Path, models_root: Path,
-                  metrics_dir: Path, eval_root: Path, device_name: str = "auto") -> dict:
+def evaluate_cell(params, seg_count: int, mat_count: int, layout: Layout, device_name: str = "auto") -> dict:
     from matting_core.checkpoint import load_model
 
-    cell = tracking.cell_name(seg_count, mat_count)
-    primary, checkpoints = cell_models(models_root, seg_count, mat_count, params.method)
+    cell = cell_name(seg_count, mat_count)
+    primary, checkpoints = cell_models(layout, seg_count, mat_count, params.method)
     for role, path in checkpoints.items():
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: the {role} model of cell {cell} is missing; run `dvc repro` "
                 f"(or `python -m stages.{role} --seg {seg_count} --mat {mat_count}`) first"
             )
-    valsets = _validation_sets_or_fail(data_root)
+    valsets = _validation_sets_or_fail(layout)
     device = _device(device_name)
-    out_dir = eval_root / cell
+    out_dir = layout.cell_eval_dir(seg_count, mat_count)
     result = {"cell": cell, "seg_count": seg_count, "mat_count": mat_count,
               "kind": cell_kind(seg_count, mat_count), "primary": primary, "models": {}}
     for role, path in checkpoints.items():
         model, info = load_model(path, map_location=device)
         result["models"][role] = evaluate_checkpoint(params, model, info, path, valsets, device, out_dir, role)
-    atomic.write_json(metrics_dir / f"{cell}.json", result)
+    atomic.write_json(layout.cell_metrics(seg_count, mat_count), result)
     return result
 
 
-def _validation_sets_or_fail(data_root: Path) -> dict[str, Path]:
-    valsets = validation_sets(data_root)
+def _validation_sets_or_fail(layout: Layout) -> dict[str, Path]:
+    valsets = validation_sets(layout)
     if not valsets:
-        raise FileNotFoundError(f"no validation sets under {data_root}/shards/val-* or composite/val-composited; "
+        raise FileNotFoundError(f"no validation sets under {layout.shards_root}/val-* or "
+                                f"{layout.composite_set('val-composited')}; "
                                 "run the shard and composite stages first")
     return valsets
 
@@ -256,7 +245,7 @@ def evaluate_checkpoint(params, model, info: dict, path: Path, valsets: dict[str
                         role: str) -> dict:
     """One model entry of a metrics file: metrics per set, params, FPS (method-aware guidance)."""
     from matting_core.methods import method_of
-    from stages.method import evaluation_guidance
+    from matting_pipeline.jobs import evaluation_guidance
 
     cfg = params.evaluate
     method = method_of(model)
@@ -279,8 +268,8 @@ def evaluate_checkpoint(params, model, info: dict, path: Path, valsets: dict[str
     return entry
 
 
-def evaluate_method(params, name: str, data_root: Path, models_root: Path, metrics_dir: Path, eval_root: Path,
-                    device_name: str = "auto", seg_count: int | None = None, mat_count: int | None = None) -> dict:
+def evaluate_method(params, name: str, layout: Layout, device_name: str = "auto",
+                    seg_count: int | None = None, mat_count: int | None = None) -> dict:
     """Evaluate the compared method ``name`` (``models/methods/<name>/<cell>/model.pt``).
 
     Writes ``metrics/methods/<name>.json``: the model entry of :func:`evaluate_checkpoint`
@@ -288,25 +277,25 @@ def evaluate_method(params, name: str, data_root: Path, models_root: Path, metri
     """
     from matting_core.checkpoint import load_model
     from matting_core.methods import get_method
-    from stages.method import evaluation_guidance, method_dir
+    from matting_pipeline.jobs import evaluation_guidance
 
     method = get_method(name)
     cell_seg, cell_mat = params.comparison_cell()
     seg_count = cell_seg if seg_count is None else int(seg_count)
     mat_count = cell_mat if mat_count is None else int(mat_count)
-    cell = tracking.cell_name(seg_count, mat_count)
-    path = method_dir(models_root, name, seg_count, mat_count) / "model.pt"
+    cell = cell_name(seg_count, mat_count)
+    path = layout.method_dir(name, seg_count, mat_count) / MODEL_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: the {name} model of the comparison cell {cell} is missing; run `dvc repro method@{name}` "
             f"(or `python -m stages.method --method {name}`) first"
         )
-    valsets = _validation_sets_or_fail(data_root)
+    valsets = _validation_sets_or_fail(layout)
     device = _device(device_name)
     model, info = load_model(path, map_location=device)
     if method_of_spec(info["network_spec"]) != name:
         raise ValueError(f"{path} holds a {method_of_spec(info['network_spec'])} model, not {name}")
-    entry = evaluate_checkpoint(params, model, info, path, valsets, device, eval_root / "methods" / name, name)
+    entry = evaluate_checkpoint(params, model, info, path, valsets, device, layout.method_eval_dir(name), name)
     guidance = evaluation_guidance(params, name)
     result = {
         "method": name,
@@ -319,7 +308,7 @@ def evaluate_method(params, name: str, data_root: Path, models_root: Path, metri
         "run_id": info["extra"].get("run_id"),
         **entry,
     }
-    atomic.write_json(metrics_dir / "methods" / f"{name}.json", result)
+    atomic.write_json(layout.method_metrics(name), result)
     return result
 
 
@@ -387,7 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seg", type=int, default=None,
                         help="segmentation budget S of the cell (required without --method)")
     parser.add_argument("--mat", type=int, default=None, help="matte budget M of the cell (required without --method)")
-    parser.add_argument("--method", default=None, choices=("dim", "adamatting", "mgm", "mgm_wild", "mam"),
+    parser.add_argument("--method", default=None, choices=COMPARED_METHODS,
                         help="evaluate this compared method's model at methods.cell (or --seg/--mat) instead of a cell")
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--data-root", default="data", type=Path)
@@ -409,8 +398,7 @@ def run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     if args.method is not None:
         return _run_method(args, params)
-    result = evaluate_cell(params, args.seg, args.mat, args.data_root, args.models_root,
-                           args.metrics_dir, args.eval_root, args.device or params.train.device)
+    result = evaluate_cell(params, args.seg, args.mat, _layout(args), args.device or params.train.device)
     primary = result["models"][result["primary"]]
     for set_name, summary in primary["sets"].items():
         whole, boundary = summary["whole"], summary["boundary"]
@@ -420,14 +408,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['cell']}: {primary['params'] / 1e6:.2f}M params, {primary['fps']:.1f} FPS "
           f"at {primary['fps_size']}² on {primary['device']}")
     if not args.no_mlflow:
-        run_id = log_to_mlflow(params, result, args.eval_root / result["cell"])
+        run_id = log_to_mlflow(params, result, _layout(args).cell_eval_dir(args.seg, args.mat))
         print(f"MLflow cell run {run_id}")
     return 0
 
 
+def _layout(args: argparse.Namespace) -> Layout:
+    return Layout(data=args.data_root, models=args.models_root, metrics=args.metrics_dir, eval=args.eval_root)
+
+
 def _run_method(args: argparse.Namespace, params) -> int:
-    result = evaluate_method(params, args.method, args.data_root, args.models_root, args.metrics_dir,
-                             args.eval_root, args.device or params.train.device, args.seg, args.mat)
+    result = evaluate_method(params, args.method, _layout(args), args.device or params.train.device, args.seg, args.mat)
     for set_name, summary in result["sets"].items():
         whole, boundary = summary["whole"], summary["boundary"]
         print(f"{result['cell']} [{args.method}] {set_name:>12}: "
@@ -436,12 +427,12 @@ def _run_method(args: argparse.Namespace, params) -> int:
     print(f"{args.method}: {result['params'] / 1e6:.2f}M params ({result['trainable_params'] / 1e6:.2f}M trained), "
           f"{result['fps']:.1f} FPS at {result['fps_size']}² on {result['device']}")
     if not args.no_mlflow:
-        run_id = log_method_to_mlflow(params, result, args.eval_root / "methods" / args.method)
+        run_id = log_method_to_mlflow(params, result, _layout(args).method_eval_dir(args.method))
         print(f"MLflow run {run_id}")
     return 0
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("evaluate")

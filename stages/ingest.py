@@ -24,7 +24,6 @@ is either part of an accepted sample in ``manifest.jsonl`` or listed with a reas
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -35,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import imageio
-from stages.atomic import atomic_dir, write_json, write_jsonl
-from stages.config import DataConfig, SyntheticConfig, load_params
-from stages.shards import parallel_map
+from matting_pipeline.atomic import atomic_dir, bytes_sha256, write_json, write_jsonl
+from matting_pipeline.config import DataConfig, SyntheticConfig, load_params
+from matting_pipeline.layout import Layout
+from matting_pipeline.manifest import IngestError, decode_candidate
+from matting_pipeline.shards import default_workers, parallel_map
 
 DESCRIPTION = __doc__
 
@@ -54,10 +54,6 @@ SYNTHETIC_VAL_NAME = "natural"
 # val items of the synthetic set are natural_item(seed, SYNTHETIC_VAL_OFFSET + j): disjoint
 # from the seg items (0 .. seg-1) whatever the sizes.
 SYNTHETIC_VAL_OFFSET = 1_000_000
-
-
-class IngestError(RuntimeError):
-    """A configured set cannot be ingested (missing/empty folder, nothing accepted, changed file)."""
 
 
 @dataclass(frozen=True)
@@ -231,84 +227,6 @@ def discover(source: SetSource) -> tuple[list[Candidate], list[dict], int]:
     return cands, quarantine, n_files
 
 
-# ---------------------------------------------------------------------------- decoding
-
-
-def _orientation(conversions: list[str]) -> int:
-    for c in conversions:
-        if c.startswith("exif_transpose: orientation "):
-            return int(c.rsplit(" ", 1)[-1])
-    return 1
-
-
-def decode_candidate(
-    kind: str, paths: dict[str, str], layout: str, blobs: dict[str, bytes]
-) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
-    """Decode one sample's files and bring partners to the primary's size.
-
-    Args:
-        kind: set kind (matte | background | seg | val).
-        paths: role -> file path; ``blobs``: the same files' bytes (path -> bytes).
-        layout: ``pair`` | ``rgba`` | ``single``.
-    Returns:
-        ``(arrays, conversions, errors)``: role -> array (``image``/``fg`` ``(H, W, 3)
-        uint8``, ``alpha`` ``(H, W)`` uint8|uint16, ``mask`` ``(H, W)`` uint8 {0, 1},
-        ``trimap`` uint8), the conversions prefixed by role (``"mask.resize: ..."``), and
-        role -> reason for every file that could not be read (then ``arrays`` is partial).
-    """
-    arrays: dict[str, np.ndarray] = {}
-    conversions: list[str] = []
-    errors: dict[str, str] = {}
-    if layout == "rgba":
-        p = paths["fg"]
-        try:
-            rgb, alpha, conv = imageio.read_rgba(p, blobs[p])
-        except imageio.ImageReadError as err:
-            return {}, [], {"fg": err.reason, "alpha": err.reason}
-        conversions += [f"fg.{c}" for c in conv]
-        conversions += ["fg.cutout: RGB of the RGBA cutout used as is", "alpha.cutout: 4th channel of the RGBA cutout"]
-        return {"fg": rgb, "alpha": alpha}, conversions, {}
-    readers = {
-        "image": imageio.read_image_rgb,
-        "fg": imageio.read_image_rgb,
-        "alpha": imageio.read_alpha,
-        "mask": imageio.read_mask,
-        "trimap": imageio.read_trimap,
-    }
-    primary = "image" if kind in ("background", "seg", "val") else "fg"
-    order = [primary] + sorted(r for r in paths if r != primary)
-    per_role: dict[str, list[str]] = {}
-    for role in order:
-        p = paths[role]
-        try:
-            arrays[role], per_role[role] = readers[role](p, blobs[p])
-        except imageio.ImageReadError as err:
-            errors[role] = err.reason
-    if errors:
-        return arrays, [], errors
-    h, w = arrays[primary].shape[:2]
-    orientation = _orientation(per_role[primary])
-    for role in order[1:]:
-        a = arrays[role]
-        if a.shape[:2] == (h, w):
-            continue
-        if orientation in (5, 6, 7, 8) and a.shape[:2] == (w, h) and _orientation(per_role[role]) == 1:
-            arrays[role] = imageio.apply_orientation(a, orientation)
-            per_role[role].append(
-                f"exif_transpose: orientation {orientation} (from the image; partner matched its stored orientation)"
-            )
-            continue
-        arrays[role], conv = imageio.resize_partner(a, (h, w), "alpha" if role == "alpha" else role)
-        per_role[role].append(conv)
-    for role in order:
-        conversions += [f"{role}.{c}" for c in per_role[role]]
-    return arrays, conversions, {}
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _validate(cand: Candidate) -> tuple[dict | None, list[dict]]:
     """Decode one candidate; returns (manifest entry without key, quarantine rows)."""
     blobs: dict[str, bytes] = {}
@@ -342,48 +260,12 @@ def _validate(cand: Candidate) -> tuple[dict | None, list[dict]]:
         "set": cand.set,
         "stem": cand.stem,
         "paths": dict(cand.paths),
-        "sha256": {role: _sha256(blobs[p]) for role, p in cand.paths.items()},
+        "sha256": {role: bytes_sha256(blobs[p]) for role, p in cand.paths.items()},
         "width": int(primary.shape[1]),
         "height": int(primary.shape[0]),
         "conversions": conversions,
     }
     return entry, []
-
-
-def load_entry(entry: dict, kind: str) -> dict[str, np.ndarray]:
-    """Decode a manifest entry's files again, exactly as ingest accepted them.
-
-    Checks each file's sha256 against the manifest and that the conversions are the same.
-    Returns role -> array (see :func:`decode_candidate`).
-
-    Raises:
-        IngestError: a file changed, vanished or decodes differently since ingest.
-    """
-    blobs = {}
-    for role, p in entry["paths"].items():
-        try:
-            data = blobs.get(p) or Path(p).read_bytes()
-        except OSError as err:
-            raise IngestError(f"{p}: cannot read ({err.strerror or err}); re-run `matting ingest`") from None
-        if _sha256(data) != entry["sha256"][role]:
-            raise IngestError(f"{p}: changed since ingest (sha256 differs); re-run `matting ingest`")
-        blobs[p] = data
-    layout = "rgba" if kind == "matte" and entry["paths"].get("fg") == entry["paths"].get("alpha") else (
-        "single" if kind == "background" else "pair"
-    )
-    arrays, conversions, errors = decode_candidate(kind, entry["paths"], layout, blobs)
-    if errors or conversions != entry["conversions"]:
-        raise IngestError(f"{entry['stem']!r} ({entry['set']}): decodes differently than at ingest; re-run `matting ingest`")
-    return arrays
-
-
-def set_kind(set_name: str) -> str:
-    """``matte`` / ``background`` / ``seg`` / ``val`` for a set name (``val-<name>`` -> ``val``)."""
-    if set_name.startswith("val-"):
-        return "val"
-    if set_name in ("matte", "background", "seg"):
-        return set_name
-    raise ValueError(f"unknown set {set_name!r}")
 
 
 # ---------------------------------------------------------------------------- synthetic
@@ -400,7 +282,7 @@ def _alpha_png_array(alpha: np.ndarray) -> np.ndarray:
 def _synth_job(job: tuple[str, int, int, int, str]) -> dict[str, bytes]:
     """Generate one synthetic item; returns relative path -> PNG bytes."""
     from matting_core import synthetic
-    from stages.shards import encode_png
+    from matting_pipeline.shards import encode_png
 
     kind, seed, i, size, name = job
     if kind == "matte":
@@ -421,7 +303,7 @@ def _synthetic_fingerprint(cfg: SyntheticConfig) -> dict:
     import matting_core.synthetic as synthetic
 
     src = Path(synthetic.__file__).read_bytes() + Path(__file__).read_bytes()
-    return {"config": cfg.model_dump(), "generator_sha256": _sha256(src)}
+    return {"config": cfg.model_dump(), "generator_sha256": bytes_sha256(src)}
 
 
 def generate_synthetic(cfg: SyntheticConfig, out_dir: Path, workers: int = 1, progress: bool = True) -> bool:
@@ -495,7 +377,8 @@ def ingest(
     quarantine report so it can be read).
     """
     workers = default_workers() if workers is None else max(1, int(workers))
-    ingest_dir = Path(data_root) / "ingest"
+    layout = Layout(data=data_root)
+    ingest_dir = layout.ingest_dir
     ingest_dir.mkdir(parents=True, exist_ok=True)
     if data.source == "synthetic":
         generate_synthetic(data.synthetic, ingest_dir / "synthetic", workers=workers, progress=progress)
@@ -536,10 +419,10 @@ def ingest(
         {k: e[k] for k in ("set", "stem", "key", "paths", "sha256", "width", "height", "conversions")}
         for e in manifest
     ]
-    write_jsonl(ingest_dir / "manifest.jsonl", manifest)
-    write_jsonl(ingest_dir / "quarantine.jsonl", quarantine)
+    write_jsonl(layout.manifest, manifest)
+    write_jsonl(layout.quarantine, quarantine)
     write_json(
-        ingest_dir / "summary.json",
+        layout.ingest_summary,
         {
             name: {
                 "files": r.files,
@@ -553,18 +436,9 @@ def ingest(
     )
     if empty_sets:
         raise IngestError(
-            "no sample accepted in " + "; ".join(empty_sets) + f"; see {ingest_dir / 'quarantine.jsonl'} for the reasons"
+            "no sample accepted in " + "; ".join(empty_sets) + f"; see {layout.quarantine} for the reasons"
         )
     return reports
-
-
-def read_manifest(data_root: str | Path = "data") -> list[dict]:
-    """The accepted entries of ``<data_root>/ingest/manifest.jsonl`` (raises if ingest has not run)."""
-    path = Path(data_root) / "ingest" / "manifest.jsonl"
-    if not path.is_file():
-        raise IngestError(f"{path}: not found; run `matting ingest` first")
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def format_summary(reports: dict[str, SetReport]) -> str:
@@ -583,15 +457,6 @@ def format_summary(reports: dict[str, SetReport]) -> str:
     return "\n".join(lines)
 
 
-def default_workers() -> int:
-    """Worker processes for decoding/generation: the CPUs this process may use (at most 8)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--data-root", default="data", help="data folder (default: data/)")
@@ -606,14 +471,14 @@ def run(args: argparse.Namespace) -> int:
     except IngestError as err:
         print(f"matting ingest: error: {err}", file=sys.stderr)
         return 1
-    out = Path(args.data_root) / "ingest"
+    layout = Layout(data=args.data_root)
     print(format_summary(reports))
     n_q = sum(r.quarantined for r in reports.values())
-    print(f"manifest: {out / 'manifest.jsonl'}  quarantine: {out / 'quarantine.jsonl'} ({n_q} files)")
+    print(f"manifest: {layout.manifest}  quarantine: {layout.quarantine} ({n_q} files)")
     return 0
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("ingest")

@@ -9,15 +9,14 @@ ignored); its MLflow run nests under the seg-only cell ``seg<S>-mat0``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 DESCRIPTION = __doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from stages.training import add_common_arguments
+    from matting_pipeline.cli import add_training_arguments
 
-    add_common_arguments(parser, mat_required=False)
+    add_training_arguments(parser, mat_required=False)
 
 
 def build_job(args: argparse.Namespace, params, device=None):
@@ -26,9 +25,12 @@ def build_job(args: argparse.Namespace, params, device=None):
 
     from matting_core.losses import mse_loss
     from matting_core.models import build_network
-    from stages import tracking
-    from stages.training import budget_keys as subset_keys
-    from stages.training import ShardReader, StageError, TrainingJob, ViewDataset, pretrain_dir, step_hyper
+    from matting_pipeline.cli import StageError
+    from matting_pipeline.jobs import budget_keys
+    from matting_pipeline.layout import Layout, cell_name
+    from matting_pipeline.shards import ShardReader
+    from matting_pipeline.trainer import TrainingJob, step_hyper
+    from matting_pipeline.views import ViewDataset
 
     seg_count = int(args.seg)
     if seg_count <= 0:
@@ -38,8 +40,9 @@ def build_job(args: argparse.Namespace, params, device=None):
         )
     cfg = params.train.pretrain
     hyper = step_hyper(cfg, args.iters)
-    seg_dir = Path(args.data_root) / "shards" / "seg"
-    reader = ShardReader(seg_dir, subset_keys(seg_dir, seg_count))
+    layout = Layout(data=args.data_root, models=args.models_root)
+    seg_dir = layout.shard_set("seg")
+    reader = ShardReader(seg_dir, budget_keys(seg_dir, seg_count))
     dataset = ViewDataset(reader, ["mask"], cfg.crop, cfg.scale_range, hyper["seed"], strong=False)
     torch.manual_seed(hyper["seed"])
     model = build_network(params.model.network)
@@ -51,8 +54,8 @@ def build_job(args: argparse.Namespace, params, device=None):
         stage="pretrain",
         seg_count=seg_count,
         mat_count=0,
-        cell=tracking.cell_name(seg_count, 0),
-        out_dir=pretrain_dir(args.models_root, seg_count),
+        cell=cell_name(seg_count, 0),
+        out_dir=layout.model_dir("pretrain", seg_count),
         model=model,
         dataset=dataset,
         objective=objective,
@@ -65,12 +68,12 @@ def build_job(args: argparse.Namespace, params, device=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.training import run_training_stage
+    from matting_pipeline.trainer import run_training_stage
 
     return run_training_stage("pretrain", build_job, args)
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("pretrain")

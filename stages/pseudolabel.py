@@ -20,7 +20,7 @@ members; shard sha256s are checked against the index first), ``map_batches`` sen
 ``pseudolabel.batch_size`` samples at a time through an actor pool
 (``ActorPoolStrategy(size=pseudolabel.num_actors)``) whose actors load the teacher once; one
 GPU per actor (``pseudolabel.gpus_per_actor``) when the cluster has GPUs, CPU actors
-otherwise. The driver writes the results as a shard set (``stages.shards.ShardWriter``), so
+otherwise. The driver writes the results as a shard set (``matting_pipeline.shards.ShardWriter``), so
 the output lands in this workspace whatever the cluster.
 
 Ray: a local Ray (``pseudolabel.num_cpus`` CPUs, no dashboard, auth disabled) unless
@@ -113,27 +113,20 @@ class Plan:
     provenance: dict = field(default_factory=dict)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, models_root: str | Path) -> Plan:
     """Resolve the cell's inputs; verify the seg shards that hold the subset (sha256).
 
     Raises:
         PseudolabelError: a budget is 0, the teacher checkpoint is missing.
-        stages.shards.ShardError: the seg set is missing, inconsistent, too small or corrupt.
+        matting_pipeline.shards.ShardError: the seg set is missing, inconsistent, too small or corrupt.
     """
-    from stages import shards, tracking
+    from matting_pipeline import shards
+    from matting_pipeline.atomic import file_sha256
+    from matting_pipeline.jobs import mlb_only_message
+    from matting_pipeline.layout import Layout, cell_name
 
     seg_count, mat_count = int(seg_count), int(mat_count)
     if params.method != "mlb":
-        from stages.student import mlb_only_message
-
         raise PseudolabelError(mlb_only_message("pseudolabel", params.method, seg_count, mat_count))
     if seg_count <= 0 or mat_count <= 0:
         raise PseudolabelError(
@@ -141,11 +134,12 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
             "trained on matte labels, and seg images to label); seg-only and mat-only cells have no "
             "pseudolabel stage"
         )
-    cell = tracking.cell_name(seg_count, mat_count)
-    seg_dir = Path(data_root) / "shards" / "seg"
+    cell = cell_name(seg_count, mat_count)
+    layout = Layout(data=data_root, models=models_root)
+    seg_dir = layout.shard_set("seg")
     index = shards.read_index(seg_dir)
     keys = shards.subset_keys(seg_dir, seg_count)
-    teacher_path = Path(models_root) / "teacher" / cell / "model.pt"
+    teacher_path = layout.model_path("teacher", seg_count, mat_count)
     if not teacher_path.is_file():
         raise PseudolabelError(
             f"{teacher_path} not found; train the teacher first: `matting teacher --seg {seg_count} --mat {mat_count}`"
@@ -158,7 +152,7 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
         path = seg_dir / shard["name"]
         if not path.is_file():
             raise shards.ShardIntegrityError(f"{path}: missing shard; rebuild the seg set (`matting shard`)")
-        digest = _sha256_file(path)
+        digest = file_sha256(path)
         if digest != shard["sha256"]:
             raise shards.ShardIntegrityError(
                 f"{path}: sha256 mismatch (index {shard['sha256'][:12]}..., file {digest[:12]}...); "
@@ -166,12 +160,12 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
             )
         shard_paths.append(str(path.resolve()))
     blend = params.train.student.blend
-    teacher_sha256 = _sha256_file(teacher_path)
-    code = {name: _sha256_file(_REPO / name) for name in _CODE_FILES if (_REPO / name).is_file()}
+    teacher_sha256 = file_sha256(teacher_path)
+    code = {name: file_sha256(_REPO / name) for name in _CODE_FILES if (_REPO / name).is_file()}
     amp = bool(getattr(params.train, "amp", False))
     payload = {
         "teacher_sha256": teacher_sha256,
-        "seg_index_sha256": _sha256_file(seg_dir / "index.json"),
+        "seg_index_sha256": file_sha256(seg_dir / "index.json"),
         "keys": keys,
         "blend": {"mode": blend.mode, "dilate": int(blend.dilate)},
         "samples_per_shard": int(params.shard.samples_per_shard),
@@ -192,7 +186,7 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
         mat_count=mat_count,
         cell=cell,
         seg_dir=seg_dir,
-        out_dir=Path(data_root) / "pseudolabels" / cell,
+        out_dir=layout.pseudolabel_dir(seg_count, mat_count),
         teacher_path=teacher_path,
         teacher_sha256=teacher_sha256,
         keys=tuple(keys),
@@ -209,7 +203,7 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
 
 def is_up_to_date(plan: Plan) -> bool:
     """True when ``plan.out_dir`` already holds the labels this plan would write."""
-    from stages import shards
+    from matting_pipeline import shards
 
     try:
         index = shards.read_index(plan.out_dir)
@@ -333,9 +327,9 @@ def samples_from_batch(batch: Mapping[str, np.ndarray]) -> list[dict]:
     """Rows of a ``read_webdataset`` batch (``decoder=None``) -> ``{"key", "members": {role: (ext, bytes)}}``.
 
     Column names are WebDataset suffixes (``json``, ``image.png``, ``mask.png``); each member
-    name is re-checked with :func:`stages.shards.parse_member_name`.
+    name is re-checked with :func:`matting_pipeline.shards.parse_member_name`.
     """
-    from stages.shards import parse_member_name
+    from matting_pipeline.shards import parse_member_name
 
     keys = [str(k) for k in batch["__key__"]]
     urls = batch["__url__"] if "__url__" in batch else ["?"] * len(keys)
@@ -369,7 +363,7 @@ def label_encoded_samples(
     ``{"pseudolabel": provenance}`` (and ``key``). The plain-loop benchmark calls this too.
     """
     from matting_core.pseudolabel import label_images
-    from stages.shards import ShardError, decode_member, encode_member
+    from matting_pipeline.shards import ShardError, decode_member, encode_member
 
     images, masks = [], []
     for sample in samples:
@@ -435,7 +429,7 @@ class TeacherLabeler:
         import torch
 
         from matting_core.checkpoint import load_model
-        from stages.training import autocast_settings
+        from matting_pipeline.trainer import autocast_settings
 
         torch.set_num_threads(int(torch_threads))
         self.device = torch.device(device)
@@ -582,7 +576,7 @@ def write_labels(plan: Plan, batches: Iterable[Mapping[str, np.ndarray]], progre
     :class:`PseudolabelError` (listing the keys) inside the writer, so no directory appears.
     Returns the index.
     """
-    from stages.shards import ShardWriter
+    from matting_pipeline.shards import ShardWriter
 
     iterator = iter(batches)
     try:
@@ -680,8 +674,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.config import ConfigError, load_params
-    from stages.shards import ShardError
+    from matting_pipeline.config import ConfigError, load_params
+    from matting_pipeline.shards import ShardError
 
     try:
         params = load_params(args.params)
@@ -709,6 +703,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("pseudolabel")

@@ -45,8 +45,9 @@ from urllib.parse import quote
 import yaml
 
 from matting_core import report as core
-from stages import atomic
-from stages.config import ConfigError, Params, load_params
+from matting_pipeline import atomic
+from matting_pipeline.config import ConfigError, Params, load_params
+from matting_pipeline.layout import Layout
 
 DESCRIPTION = __doc__
 
@@ -85,7 +86,7 @@ def load_cells(metrics_dir: Path, grid: Sequence[tuple[int, int]]) -> LoadedCell
     out = LoadedCells()
     for s, m in grid:
         name = core.cell_name(s, m)
-        path = metrics_dir / f"{name}.json"
+        path = Layout(metrics=metrics_dir).cell_metrics(s, m)
         if not path.is_file():
             out.missing.append(name)
             out.warnings.append(f"missing cell {name}: {path} not found")
@@ -630,7 +631,7 @@ def build_report(
         if lacking:
             loaded.warnings.append(f"cell {core.cell_name(s, m)} has no {', '.join(lacking)} results (shown as n/a)")
     findings = core.check_findings(loaded.cells, study.seg, study.mat, natural)
-    compared = load_methods(metrics_dir / "methods", params.methods.compare, params.comparison_cell())
+    compared = load_methods(Layout(metrics=metrics_dir).method_metrics_dir, params.methods.compare, params.comparison_cell())
     loaded.warnings.extend(compared.warnings)
     methods = core.method_rows(loaded.cells, natural, compared.entries)
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -735,6 +736,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("report")

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import shards
-from stages.config import ShardConfig, load_params
-from stages.ingest import IngestError, default_workers, load_entry, read_manifest, set_kind
+from matting_pipeline import shards
+from matting_pipeline.config import ShardConfig, load_params
+from matting_pipeline.layout import Layout
+from matting_pipeline.manifest import IngestError, load_entry, read_manifest, set_kind
+from matting_pipeline.shards import default_workers
 
 DESCRIPTION = __doc__
 
@@ -124,7 +126,7 @@ def shard_all(
     by_set: dict[str, list[dict]] = {}
     for entry in manifest:
         by_set.setdefault(entry["set"], []).append(entry)
-    out_root = Path(data_root) / "shards"
+    out_root = Layout(data=data_root).shards_root
     indexes = {}
     for set_name, entries in by_set.items():
         index, written = shard_set(set_name, entries, out_root / set_name, cfg, workers, progress, force)
@@ -158,6 +160,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("shard")

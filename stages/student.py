@@ -28,27 +28,14 @@ else from scratch. Output: ``models/student/seg<S>-mat<M>/model.pt``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 DESCRIPTION = __doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from stages.training import add_common_arguments
+    from matting_pipeline.cli import add_training_arguments
 
-    add_common_arguments(parser)
-
-
-def mlb_only_message(stage: str, method: str, seg_count: int, mat_count: int) -> str:
-    """Why an MLB-only stage (student, pseudolabel) refuses a related ``method``."""
-    return (
-        f"params.yaml has method: {method}; the {stage} stage is part of Matte Label Blending (method: mlb) only. "
-        f"With method: {method} the grid's teacher stages train {method} "
-        f"(`matting teacher --seg {seg_count} --mat {mat_count}`) and "
-        f"`matting evaluate --seg {seg_count} --mat {mat_count}` evaluates that teacher; "
-        "to compare the methods with MLB, keep method: mlb and use the `methods` section "
-        "(dvc repro method evaluate_method report)"
-    )
+    add_training_arguments(parser)
 
 
 def build_job(args: argparse.Namespace, params, device=None):
@@ -58,21 +45,13 @@ def build_job(args: argparse.Namespace, params, device=None):
     from matting_core.losses import student_loss
     from matting_core.models import build_network
     from matting_core.training import ema_update, mlb_labels
-    from stages import tracking
-    from stages.shards import read_index
-    from stages.training import budget_keys as subset_keys
-    from stages.training import (
-        ShardReader,
-        StageError,
-        TrainingJob,
-        ViewDataset,
-        autocast_settings,
-        cell_dir,
-        file_sha256,
-        pretrain_dir,
-        require_checkpoint,
-        step_hyper,
-    )
+    from matting_pipeline.atomic import file_sha256
+    from matting_pipeline.cli import StageError
+    from matting_pipeline.jobs import budget_keys, load_pretrained, mlb_only_message, require_checkpoint
+    from matting_pipeline.layout import Layout, cell_name
+    from matting_pipeline.shards import ShardReader, read_index
+    from matting_pipeline.trainer import TrainingJob, autocast_settings, step_hyper
+    from matting_pipeline.views import ViewDataset
 
     seg_count, mat_count = int(args.seg), int(args.mat)
     if params.method != "mlb":
@@ -84,12 +63,12 @@ def build_job(args: argparse.Namespace, params, device=None):
         )
     cfg = params.train.student
     hyper = step_hyper(cfg, args.iters)
-    cell = tracking.cell_name(seg_count, mat_count)
-    data_root = Path(args.data_root)
-    seg_dir = data_root / "shards" / "seg"
-    seg_keys = subset_keys(seg_dir, seg_count)
-    pseudo_dir = data_root / "pseudolabels" / cell
-    teacher_path = cell_dir(args.models_root, "teacher", seg_count, mat_count) / "model.pt"
+    cell = cell_name(seg_count, mat_count)
+    layout = Layout(data=args.data_root, models=args.models_root)
+    seg_dir = layout.shard_set("seg")
+    seg_keys = budget_keys(seg_dir, seg_count)
+    pseudo_dir = layout.pseudolabel_dir(seg_count, mat_count)
+    teacher_path = layout.model_path("teacher", seg_count, mat_count)
     teacher_cmd = f"matting teacher --seg {seg_count} --mat {mat_count}"
     device = torch.device("cpu") if device is None else device
     autocast_dtype, _ = autocast_settings(device, params.train.amp)
@@ -100,9 +79,8 @@ def build_job(args: argparse.Namespace, params, device=None):
     fingerprint_extra: dict = {"label_mode": cfg.label_mode}
 
     # init: the pre-trained weights when the architecture matches (project choice)
-    pre_path = require_checkpoint(pretrain_dir(args.models_root, seg_count) / "model.pt", f"matting pretrain --seg {seg_count}")
-    pretrained, pre_info = load_model(pre_path)
-    if pre_info["network_spec"] == model.network_spec:
+    pretrained, pre_path = load_pretrained(layout, seg_count)
+    if pretrained.network_spec == model.network_spec:
         model.load_state_dict(pretrained.state_dict())
         init_from = str(pre_path)
         fingerprint_extra["init_sha256"] = file_sha256(pre_path)
@@ -164,7 +142,7 @@ def build_job(args: argparse.Namespace, params, device=None):
         seg_count=seg_count,
         mat_count=mat_count,
         cell=cell,
-        out_dir=cell_dir(args.models_root, "student", seg_count, mat_count),
+        out_dir=layout.model_dir("student", seg_count, mat_count),
         model=model,
         dataset=dataset,
         objective=objective,
@@ -188,12 +166,12 @@ def build_job(args: argparse.Namespace, params, device=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.training import run_training_stage
+    from matting_pipeline.trainer import run_training_stage
 
     return run_training_stage("student", build_job, args)
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("student")

@@ -15,7 +15,7 @@ Output: ``models/teacher/seg<S>-mat<M>/model.pt``.
 
 With params.yaml's ``method`` set to a related method (``dim``, ``adamatting``, ``mgm``,
 ``mgm_wild``, ``mam``) this stage trains that method instead, on the same composites and
-from the same pre-trained network (:func:`stages.method.build_method_job`: the method's
+from the same pre-trained network (:func:`matting_pipeline.jobs.build_method_job`: the method's
 network, guidance, loss and step; ``train.teacher``'s lr / batch / crop / iters; MLflow
 run ``teacher-<method>-...``). The MLB stages that follow (pseudolabel, student) refuse a
 related method.
@@ -24,51 +24,27 @@ related method.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 DESCRIPTION = __doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from stages.training import add_common_arguments
+    from matting_pipeline.cli import add_training_arguments
 
-    add_common_arguments(parser)
-
-
-def matte_subset_composites(reader, matte_keys: list[str]) -> list[str]:
-    """Keys of composites (``reader``) all of whose ``meta["fg_keys"]`` lie in ``matte_keys``."""
-    from stages.training import StageError
-
-    allowed = set(matte_keys)
-    selected = []
-    for key in reader.keys:
-        fg_keys = reader.meta(key).get("fg_keys")
-        if not isinstance(fg_keys, list) or not fg_keys:
-            raise StageError(f"{reader.set_dir}: composite {key!r} has no meta['fg_keys']; rebuild the composite set")
-        if all(k in allowed for k in fg_keys):
-            selected.append(key)
-    return selected
+    add_training_arguments(parser)
 
 
 def build_job(args: argparse.Namespace, params, device=None):
     import torch
 
-    from matting_core.checkpoint import load_model
     from matting_core.losses import teacher_loss
     from matting_core.models import build_network
-    from stages import tracking
-    from stages.training import budget_keys as subset_keys
-    from stages.training import (
-        ShardReader,
-        StageError,
-        TrainingJob,
-        ViewDataset,
-        cell_dir,
-        file_sha256,
-        pretrain_dir,
-        require_checkpoint,
-        step_hyper,
-    )
+    from matting_pipeline.atomic import file_sha256
+    from matting_pipeline.cli import StageError
+    from matting_pipeline.jobs import build_method_job, load_pretrained, matte_composites, method_hyper
+    from matting_pipeline.layout import Layout, cell_name
+    from matting_pipeline.trainer import TrainingJob, step_hyper
+    from matting_pipeline.views import ViewDataset
 
     seg_count, mat_count = int(args.seg), int(args.mat)
     if seg_count < 0:
@@ -79,47 +55,27 @@ def build_job(args: argparse.Namespace, params, device=None):
             f"pre-trained model (`matting pretrain --seg {seg_count}`)"
         )
     cfg = params.train.teacher
+    layout = Layout(data=args.data_root, models=args.models_root)
     if params.method != "mlb":
-        from stages.method import build_method_job, method_hyper
-
         return build_method_job(
             stage="teacher",
             name=params.method,
             seg_count=seg_count,
             mat_count=mat_count,
             params=params,
-            data_root=args.data_root,
-            models_root=args.models_root,
-            out_dir=cell_dir(args.models_root, "teacher", seg_count, mat_count),
+            layout=layout,
+            out_dir=layout.model_dir("teacher", seg_count, mat_count),
             hyper=method_hyper(cfg, args.iters),
         )
     hyper = step_hyper(cfg, args.iters)
-    data_root = Path(args.data_root)
-    matte_keys = subset_keys(data_root / "shards" / "matte", mat_count)
-    composite_dir = data_root / "composite" / "train"
-    all_composites = ShardReader(composite_dir)
-    keys = matte_subset_composites(all_composites, matte_keys)
-    if not keys:
-        raise StageError(
-            f"{composite_dir}: no composite is made from the first {mat_count} matte foregrounds; "
-            "rebuild the composite set (`matting composite`) or raise the budget"
-        )
-    reader = all_composites.restrict(keys)
+    reader = matte_composites(layout, mat_count)
     dataset = ViewDataset(reader, ["alpha", "fg", "bg"], cfg.crop, cfg.scale_range, hyper["seed"])
 
     torch.manual_seed(hyper["seed"])
     model = build_network(params.model.network)
     fingerprint_extra: dict = {}
     if seg_count > 0:
-        path = require_checkpoint(
-            pretrain_dir(args.models_root, seg_count) / "model.pt", f"matting pretrain --seg {seg_count}"
-        )
-        pretrained, info = load_model(path)
-        if info["network_spec"] != model.network_spec:
-            raise StageError(
-                f"{path} is a {info['network_spec'].get('name')} but model.network is {params.model.network}; "
-                f"re-run `matting pretrain --seg {seg_count}`"
-            )
+        pretrained, path = load_pretrained(layout, seg_count, model.network_spec)
         model.load_state_dict(pretrained.state_dict())
         init_from = str(path)
         fingerprint_extra["init_sha256"] = file_sha256(path)
@@ -136,8 +92,8 @@ def build_job(args: argparse.Namespace, params, device=None):
         stage="teacher",
         seg_count=seg_count,
         mat_count=mat_count,
-        cell=tracking.cell_name(seg_count, mat_count),
-        out_dir=cell_dir(args.models_root, "teacher", seg_count, mat_count),
+        cell=cell_name(seg_count, mat_count),
+        out_dir=layout.model_dir("teacher", seg_count, mat_count),
         model=model,
         dataset=dataset,
         objective=objective,
@@ -146,7 +102,7 @@ def build_job(args: argparse.Namespace, params, device=None):
         run_params={
             "init_from": init_from,
             "loss": "teacher",
-            "data": str(composite_dir),
+            "data": str(reader.set_dir),
             "matte_samples": mat_count,
         },
         fingerprint_extra=fingerprint_extra,
@@ -156,12 +112,12 @@ def build_job(args: argparse.Namespace, params, device=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from stages.training import run_training_stage
+    from matting_pipeline.trainer import run_training_stage
 
     return run_training_stage("teacher", build_job, args)
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("teacher")

@@ -46,7 +46,7 @@ Changes from the paper (and why):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -59,12 +59,11 @@ from matting_core.models import scaled_channels
 from matting_core.regions import uncertain_band_torch
 
 from .common import (
-    DEFAULT_DECODER_CHANNELS,
-    GuidedEncoder,
-    build_decoder,
+    GuidedEncoderDecoder,
     check_optimizer_covers,
     crop_to,
     init_decoder_modules,
+    init_output_conv,
     optimise,
 )
 from .dim import dim_guidance
@@ -139,8 +138,7 @@ class PropagationUnit(nn.Module):
         init_decoder_modules([self.features])
         self.cell = ConvLSTMCell(channels, channels)
         self.out = nn.Conv2d(channels, 1, 3, padding=1)
-        nn.init.normal_(self.out.weight, std=1e-2)
-        nn.init.zeros_(self.out.bias)
+        init_output_conv(self.out, std=1e-2)
 
     def forward(
         self,
@@ -162,14 +160,17 @@ class PropagationUnit(nn.Module):
         return (alpha, states) if return_states else alpha
 
 
-class AdaMattingNet(nn.Module):
+class AdaMattingNet(GuidedEncoderDecoder):
     """AdaMatting: shared encoder, trimap-adaptation and alpha decoders, propagation unit.
 
     Args:
-        depth, width, aspp_rates, aspp_channels, decoder_channels, pad_multiple: as
-            :class:`~matting_core.models.UNetMatting`.
         propagation_steps: T of the propagation unit.
         propagation_channels: its width before the width multiplier.
+        backbone: depth, width, aspp_rates, aspp_channels, decoder_channels, pad_multiple —
+            the shared encoder-decoder's options (:class:`~.common.GuidedEncoderDecoder`).
+
+    Modules, in construction order: ``body``, ``trimap_decoder``, ``alpha_decoder`` (the
+    base), ``trimap_head`` (conv3x3 → 3), ``alpha_head`` (conv3x3 → 1), ``propagation``.
 
     ``forward(image, trimap)``: image (N,3,H,W) RGB in [0,1], trimap (N,1,H,W) in [0,1] →
     ``{"alpha", "raw_alpha"}`` (N,1,H,W) in [0,1], ``"trimap_logits"`` (N,3,H,W),
@@ -177,33 +178,19 @@ class AdaMattingNet(nn.Module):
     """
 
     required_input = "trimap"
+    decoder_names = ("trimap_decoder", "alpha_decoder")
 
-    def __init__(
-        self,
-        depth: int = 18,
-        width: float = 1.0,
-        aspp_rates: Sequence[int] = (3, 6, 9),
-        aspp_channels: int = 256,
-        decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
-        pad_multiple: int = 32,
-        propagation_steps: int = 3,
-        propagation_channels: int = 16,
-    ) -> None:
-        super().__init__()
-        self.body = GuidedEncoder(1, depth, width, aspp_rates, aspp_channels, pad_multiple, "trimap")
-        self.trimap_decoder = build_decoder(self.body, decoder_channels, width)
-        self.alpha_decoder = build_decoder(self.body, decoder_channels, width)
+    def __init__(self, *, propagation_steps: int = 3, propagation_channels: int = 16, **backbone: Any) -> None:
+        super().__init__(**backbone)
         self.trimap_head = nn.Conv2d(self.trimap_decoder.channels[1], TRIMAP_CLASSES, 3, padding=1)
         self.alpha_head = nn.Conv2d(self.alpha_decoder.channels[1], 1, 3, padding=1)
-        for head in (self.trimap_head, self.alpha_head):
-            nn.init.normal_(head.weight, std=1e-3)
-            nn.init.zeros_(head.bias)
-        self.propagation = PropagationUnit(propagation_steps, scaled_channels(propagation_channels, width))
+        init_output_conv(self.trimap_head, self.alpha_head)
+        self.propagation = PropagationUnit(propagation_steps, scaled_channels(propagation_channels, self.width))
 
     def forward(self, image: torch.Tensor, trimap: torch.Tensor) -> dict[str, torch.Tensor]:
-        features, aspp, image_skip = self.body(image, trimap)
-        trimap_logits = crop_to(self.trimap_head(self.trimap_decoder(aspp, features, image_skip)[1]), image)
-        raw_alpha = crop_to(torch.sigmoid(self.alpha_head(self.alpha_decoder(aspp, features, image_skip)[1])), image)
+        trimap_decoded, alpha_decoded = self.decode(image, trimap)
+        trimap_logits = crop_to(self.trimap_head(trimap_decoded[1]), image)
+        raw_alpha = crop_to(torch.sigmoid(self.alpha_head(alpha_decoded[1])), image)
         trimap_adapted = torch.softmax(trimap_logits, dim=1)
         alpha = self.propagation(image, trimap_adapted, raw_alpha)
         return {

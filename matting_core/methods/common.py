@@ -16,6 +16,10 @@ to the padded input)::
       → dec16 (cat f3) s16 C(256) → dec8 (cat f2) s8 C(128) → dec4 (cat f1) s4 C(64)
       → dec2 (cat f0) s2 C(32) → dec1 (cat normalised image) s1 C(16)
 
+DIM, AdaMatting and MGM are :class:`GuidedEncoderDecoder` subclasses: the base builds ``body``
+(the encoder above, one guidance channel) and the U-Net decoder(s) on it, in that order, and
+the subclass adds its heads afterwards (torch's RNG is consumed in construction order).
+
 The attribute names (``body.encoder``, ``body.aspp``, ``decoder.dec16`` ...) mirror
 :class:`~matting_core.models.UNetMatting`, so :func:`transfer_unet_weights` can initialise a
 method from the project's (seg-)pretrained U-Net: equal shapes are copied, the stem conv is
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_DECODER_CHANNELS",
     "AlphaHead",
     "GuidedEncoder",
+    "GuidedEncoderDecoder",
     "UNetDecoder",
     "build_decoder",
     "charbonnier",
@@ -51,10 +56,12 @@ __all__ = [
     "check_pair",
     "crop_to",
     "init_decoder_modules",
+    "init_output_conv",
     "optimise",
     "to_float32",
     "upsample",
     "region_charbonnier",
+    "register_image_stats",
     "transfer_unet_weights",
     "unknown_region",
 ]
@@ -99,8 +106,7 @@ class GuidedEncoder(nn.Module):
                 f"pad_multiple must be a positive multiple of {self.encoder.output_stride}, got {pad_multiple}"
             )
         self.pad_multiple = int(pad_multiple)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        register_image_stats(self)
         self.aspp_channels = scaled_channels(aspp_channels, width)
         self.aspp = ASPP(self.encoder.feature_channels[4], self.aspp_channels, aspp_rates)
         init_decoder_modules([self.aspp])
@@ -198,6 +204,54 @@ def build_decoder(encoder: GuidedEncoder, decoder_channels: Sequence[int], width
     )
 
 
+class GuidedEncoderDecoder(nn.Module):
+    """Base of the guided method networks (DIM, AdaMatting, MGM): encoder + U-Net decoder(s).
+
+    Builds, in this order (parameter creation order fixes the seeded initial weights, so a
+    subclass adds its heads after ``super().__init__``):
+
+    * ``body``: :class:`GuidedEncoder` with one guidance channel, named :attr:`required_input`
+      in error messages — image (N, 3, H, W) + guidance (N, 1, H, W) → ResNet + ASPP;
+    * one :class:`UNetDecoder` per name in :attr:`decoder_names` (default ``("decoder",)``),
+      each :func:`build_decoder` ``(body, decoder_channels, width)``.
+
+    Args:
+        depth, width, aspp_rates, aspp_channels, decoder_channels, pad_multiple: as
+            :class:`~matting_core.models.UNetMatting` (the defaults are UNetMatting's).
+
+    ``width`` is kept as :attr:`width` for the subclass's own channel scaling.
+    :meth:`decode` runs the encoder once and every decoder on its output.
+    """
+
+    required_input: str = "guidance"
+    decoder_names: tuple[str, ...] = ("decoder",)
+
+    def __init__(
+        self,
+        depth: int = 18,
+        width: float = 1.0,
+        aspp_rates: Sequence[int] = (3, 6, 9),
+        aspp_channels: int = 256,
+        decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+        pad_multiple: int = 32,
+    ) -> None:
+        super().__init__()
+        self.width = width
+        self.body = GuidedEncoder(1, depth, width, aspp_rates, aspp_channels, pad_multiple, self.required_input)
+        for name in self.decoder_names:
+            self.add_module(name, build_decoder(self.body, decoder_channels, width))
+
+    def decode(self, image: torch.Tensor, guidance: torch.Tensor) -> tuple[dict[int, torch.Tensor], ...]:
+        """Encoder once, then each decoder of :attr:`decoder_names`, in that order.
+
+        image (N, 3, H, W) RGB in [0, 1], guidance (N, 1, H, W) in [0, 1] → one
+        ``{stride: (N, C_s, Hp/stride, Wp/stride)}`` per decoder (Hp, Wp padded to
+        ``pad_multiple``; crop full-size outputs with :func:`crop_to`).
+        """
+        features, aspp, image_skip = self.body(image, guidance)
+        return tuple(getattr(self, name)(aspp, features, image_skip) for name in self.decoder_names)
+
+
 class AlphaHead(nn.Module):
     """MGM/MAM output head: conv3x3-BN-LeakyReLU(0.2)-conv3x3 → ×scale → (tanh(x) + 1) / 2.
 
@@ -216,8 +270,7 @@ class AlphaHead(nn.Module):
         )
         self.out = nn.Conv2d(mid_channels, 1, 3, padding=1)
         init_decoder_modules([self.body])
-        nn.init.normal_(self.out.weight, std=1e-3)
-        nn.init.zeros_(self.out.bias)
+        init_output_conv(self.out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.out(self.body(x))
@@ -237,6 +290,25 @@ def init_decoder_modules(modules: Iterable[nn.Module]) -> None:
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+
+def init_output_conv(*convs: nn.Conv2d, std: float = 1e-3) -> None:
+    """Start output convs small: weight ~ N(0, std²), bias 0 (outputs start near the activation's centre).
+
+    The weights are drawn in argument order (torch's global RNG).
+    """
+    for conv in convs:
+        nn.init.normal_(conv.weight, std=std)
+        nn.init.zeros_(conv.bias)
+
+
+def register_image_stats(module: nn.Module) -> None:
+    """Give ``module`` the ImageNet ``mean`` and ``std`` buffers, each (1, 3, 1, 1) float32.
+
+    Not persistent (not in the state dict); normalise with ``(image - module.mean) / module.std``.
+    """
+    module.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+    module.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
 
 def crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -57,18 +57,17 @@ from torch import nn
 
 from matting_core.losses import weighted_mean
 from matting_core.models import scaled_channels
-from matting_core.models.unet import IMAGENET_MEAN, IMAGENET_STD
 from matting_core.regions import dim_trimap, eval_trimap
 
 from .common import (
-    DEFAULT_DECODER_CHANNELS,
-    GuidedEncoder,
-    build_decoder,
+    GuidedEncoderDecoder,
     charbonnier,
     crop_to,
     init_decoder_modules,
+    init_output_conv,
     optimise,
     region_charbonnier,
+    register_image_stats,
     unknown_region,
 )
 
@@ -107,16 +106,14 @@ class DIMRefinement(nn.Module):
 
     def __init__(self, channels: int = 64) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        register_image_stats(self)
         self.conv1 = nn.Conv2d(4, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv3 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv4 = nn.Conv2d(channels, 1, 3, padding=1)
         self.relu = nn.ReLU(inplace=True)
         init_decoder_modules([self])
-        nn.init.normal_(self.conv4.weight, std=1e-3)
-        nn.init.zeros_(self.conv4.bias)
+        init_output_conv(self.conv4)
 
     def residual(self, image: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         x = torch.cat([(image - self.mean) / self.std, alpha], dim=1)
@@ -129,13 +126,16 @@ class DIMRefinement(nn.Module):
         return torch.clamp(alpha + self.residual(image, alpha), 0.0, 1.0)
 
 
-class DIMNet(nn.Module):
+class DIMNet(GuidedEncoderDecoder):
     """DIM: 4-channel encoder-decoder + refinement stage (module doc).
 
     Args:
-        depth, width, aspp_rates, aspp_channels, decoder_channels, pad_multiple: as
-            :class:`~matting_core.models.UNetMatting`.
         refine_channels: refinement width before the width multiplier (DIM: 64).
+        backbone: depth, width, aspp_rates, aspp_channels, decoder_channels, pad_multiple —
+            the shared encoder-decoder's options (:class:`~.common.GuidedEncoderDecoder`).
+
+    Modules, in construction order: ``body``, ``decoder`` (the base), ``head`` (conv3x3 → 1),
+    ``refinement``.
 
     ``forward(image, trimap)``: image (N,3,H,W) RGB in [0,1], trimap (N,1,H,W) in [0,1], any
     H, W → ``{"alpha": (N,1,H,W) refined in [0,1], "alpha_stage1": (N,1,H,W) in [0,1]}``.
@@ -143,28 +143,15 @@ class DIMNet(nn.Module):
 
     required_input = "trimap"
 
-    def __init__(
-        self,
-        depth: int = 18,
-        width: float = 1.0,
-        aspp_rates: Sequence[int] = (3, 6, 9),
-        aspp_channels: int = 256,
-        decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
-        pad_multiple: int = 32,
-        refine_channels: int = 64,
-    ) -> None:
-        super().__init__()
-        self.body = GuidedEncoder(1, depth, width, aspp_rates, aspp_channels, pad_multiple, "trimap")
-        self.decoder = build_decoder(self.body, decoder_channels, width)
+    def __init__(self, *, refine_channels: int = 64, **backbone: Any) -> None:
+        super().__init__(**backbone)
         self.head = nn.Conv2d(self.decoder.channels[1], 1, 3, padding=1)
-        nn.init.normal_(self.head.weight, std=1e-3)
-        nn.init.zeros_(self.head.bias)
-        self.refinement = DIMRefinement(scaled_channels(refine_channels, width))
+        init_output_conv(self.head)
+        self.refinement = DIMRefinement(scaled_channels(refine_channels, self.width))
 
     def forward(self, image: torch.Tensor, trimap: torch.Tensor) -> dict[str, torch.Tensor]:
-        features, aspp, image_skip = self.body(image, trimap)
-        s1 = self.decoder(aspp, features, image_skip)[1]
-        alpha_stage1 = crop_to(torch.sigmoid(self.head(s1)), image)
+        (decoded,) = self.decode(image, trimap)
+        alpha_stage1 = crop_to(torch.sigmoid(self.head(decoded[1])), image)
         return {"alpha": self.refinement(image, alpha_stage1), "alpha_stage1": alpha_stage1}
 
 

@@ -73,11 +73,10 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from matting_core.models import pad_to_multiple, scaled_channels
-from matting_core.models.unet import IMAGENET_MEAN, IMAGENET_STD
 
-from .common import AlphaHead, crop_to, init_decoder_modules, optimise
+from .common import AlphaHead, crop_to, init_decoder_modules, optimise, register_image_stats
 from .dim import _alpha_2d
-from .mgm import DEFAULT_TEST_BAND_WIDTHS, MGMLoss, progressive_fusion, training_bands
+from .mgm import DEFAULT_TEST_BAND_WIDTHS, MGMLoss, mgm_outputs, training_bands
 
 __all__ = [
     "MAMNet",
@@ -441,8 +440,7 @@ class MaskToMatte(nn.Module):
         b8, b4, b2 = (int(b) for b in blocks)
         self.pad_multiple = int(pad_multiple)
         self.feature_channels = int(feature_channels)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        register_image_stats(self)
         self.layer_os8 = _layer(feature_channels + 4, c8, b8, spectral)
         self.layer_os4 = _layer(c8 + 4, c4, b4, spectral)
         self.layer_os2 = _layer(c4 + 4, c2, b2, spectral)
@@ -479,10 +477,7 @@ class MaskToMatte(nn.Module):
         alpha_os4 = crop_to(self.head_os4(x), image)
         x = self.up_os1(self.layer_os2(torch.cat([x, g4], dim=1)))
         alpha_os1 = crop_to(self.head_os1(x), image)
-        w4, w1 = self.test_band_widths if band_widths is None else band_widths
-        out = {"alpha_os8": alpha_os8, "alpha_os4": alpha_os4, "alpha_os1": alpha_os1}
-        out.update(progressive_fusion(alpha_os8, alpha_os4, alpha_os1, w4, w1))
-        return out
+        return mgm_outputs(alpha_os8, alpha_os4, alpha_os1, band_widths, self.test_band_widths)
 
 
 class MAMNet(nn.Module):

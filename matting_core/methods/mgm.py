@@ -58,7 +58,7 @@ from matting_core.losses import matte_loss
 from matting_core.models import scaled_channels
 from matting_core.regions import mgm_guidance_mask, uncertain_band_torch
 
-from .common import DEFAULT_DECODER_CHANNELS, AlphaHead, GuidedEncoder, build_decoder, crop_to, optimise
+from .common import AlphaHead, GuidedEncoderDecoder, crop_to, optimise
 from .dim import _alpha_2d
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "band_mode",
     "gt_bands",
     "mgm_guidance",
+    "mgm_outputs",
     "mgm_train_step",
     "progressive_fusion",
     "sample_band_widths",
@@ -130,6 +131,25 @@ def progressive_fusion(
     }
 
 
+def mgm_outputs(
+    alpha_os8: torch.Tensor,
+    alpha_os4: torch.Tensor,
+    alpha_os1: torch.Tensor,
+    band_widths: tuple[Widths, Widths] | None,
+    test_band_widths: tuple[int, int],
+) -> dict[str, torch.Tensor]:
+    """The output dict of MGM's network (and MAM's M2M): the three alphas + their fusion.
+
+    All alphas (N,1,H,W) in [0,1]; ``band_widths = (w₄, w₁)`` (ints or per-sample lists), None
+    → ``test_band_widths``. Returns ``{"alpha_os8", "alpha_os4", "alpha_os1"}`` plus
+    :func:`progressive_fusion`'s ``{"alpha", "alpha_fused_os4", "band_os4", "band_os1"}``.
+    """
+    w4, w1 = test_band_widths if band_widths is None else band_widths
+    out = {"alpha_os8": alpha_os8, "alpha_os4": alpha_os4, "alpha_os1": alpha_os1}
+    out.update(progressive_fusion(alpha_os8, alpha_os4, alpha_os1, w4, w1))
+    return out
+
+
 def sample_band_widths(
     batch_size: int,
     generator: torch.Generator,
@@ -174,14 +194,17 @@ def gt_bands(alpha: torch.Tensor, widths_os4: Widths, widths_os1: Widths) -> tup
 # ----------------------------------------------------------------------------- network
 
 
-class MGMNet(nn.Module):
+class MGMNet(GuidedEncoderDecoder):
     """MGM: 4-channel encoder, U-Net decoder, heads at strides 8/4/1, progressive fusion.
 
     Args:
-        depth, width, aspp_rates, aspp_channels, decoder_channels, pad_multiple: as
-            :class:`~matting_core.models.UNetMatting`.
         head_channels: hidden width of each head before the width multiplier (MGM: 32).
         test_band_widths: (w₄, w₁) used when ``forward`` gets no widths (15, 7).
+        backbone: depth, width, aspp_rates, aspp_channels, decoder_channels, pad_multiple —
+            the shared encoder-decoder's options (:class:`~.common.GuidedEncoderDecoder`).
+
+    Modules, in construction order: ``body``, ``decoder`` (the base), ``head_os8``,
+    ``head_os4``, ``head_os1`` (:class:`~.common.AlphaHead`).
 
     ``forward(image, mask, band_widths=None)``: image (N,3,H,W) RGB in [0,1], mask
     (N,1,H,W) in [0,1], ``band_widths = (w₄s, w₁s)`` (ints or per-sample lists) →
@@ -193,19 +216,13 @@ class MGMNet(nn.Module):
 
     def __init__(
         self,
-        depth: int = 18,
-        width: float = 1.0,
-        aspp_rates: Sequence[int] = (3, 6, 9),
-        aspp_channels: int = 256,
-        decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
-        pad_multiple: int = 32,
+        *,
         head_channels: int = 32,
         test_band_widths: Sequence[int] = DEFAULT_TEST_BAND_WIDTHS,
+        **backbone: Any,
     ) -> None:
-        super().__init__()
-        self.body = GuidedEncoder(1, depth, width, aspp_rates, aspp_channels, pad_multiple, "mask")
-        self.decoder = build_decoder(self.body, decoder_channels, width)
-        hidden = scaled_channels(head_channels, width)
+        super().__init__(**backbone)
+        hidden = scaled_channels(head_channels, self.width)
         self.head_os8 = AlphaHead(self.decoder.channels[8], hidden, scale=8)
         self.head_os4 = AlphaHead(self.decoder.channels[4], hidden, scale=4)
         self.head_os1 = AlphaHead(self.decoder.channels[1], hidden, scale=1)
@@ -217,15 +234,11 @@ class MGMNet(nn.Module):
         mask: torch.Tensor,
         band_widths: tuple[Widths, Widths] | None = None,
     ) -> dict[str, torch.Tensor]:
-        features, aspp, image_skip = self.body(image, mask)
-        decoded = self.decoder(aspp, features, image_skip)
+        (decoded,) = self.decode(image, mask)
         alpha_os8 = crop_to(self.head_os8(decoded[8]), image)
         alpha_os4 = crop_to(self.head_os4(decoded[4]), image)
         alpha_os1 = crop_to(self.head_os1(decoded[1]), image)
-        w4, w1 = self.test_band_widths if band_widths is None else band_widths
-        out = {"alpha_os8": alpha_os8, "alpha_os4": alpha_os4, "alpha_os1": alpha_os1}
-        out.update(progressive_fusion(alpha_os8, alpha_os4, alpha_os1, w4, w1))
-        return out
+        return mgm_outputs(alpha_os8, alpha_os4, alpha_os1, band_widths, self.test_band_widths)
 
 
 # ----------------------------------------------------------------------------- loss

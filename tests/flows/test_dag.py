@@ -13,7 +13,7 @@ import yaml
 from flows.dag import StageNode, StageReport, failure_message, load_pipeline, select_stages, summary_markdown
 from flows.study import PROJECT_ROOT, StudySetupError, activate_profile, profile_params, resolve_grid
 from flows.toy import make_toy_project, max_overlap
-from stages.config import load_params
+from matting_pipeline.config import load_params
 
 # DVC 3.67 itself trips a pygtrie deprecation on every graph build; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:dvc")

@@ -140,7 +140,7 @@ def test_concurrent_repros_all_reach_dvc_lock(first_run):
 
 
 def test_summary_artifact_and_mlflow_cell_runs(first_run, mlflow_store):
-    from stages import tracking
+    from matting_pipeline import tracking
 
     _, state, runs = first_run
     with get_client(sync_client=True) as client:

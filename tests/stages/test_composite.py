@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import composite, ingest, shards
-from stages.cli import main as matting
-from stages.config import parse_params
+from matting_pipeline import shards
+from stages import composite
+from matting_pipeline.cli import main as matting
+from matting_pipeline.manifest import read_manifest
+from matting_pipeline.config import parse_params
 
-from .conftest import folders_params
+from tests.images import folders_params
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
@@ -194,4 +196,4 @@ def test_real_folders_with_rgba_cutouts(tmp_path, messy):
     assert used == set(stems.values())  # every foreground, the RGBA cutout included, is composited
     quarantine = [json.loads(x) for x in (tmp_path / "data" / "ingest" / "quarantine.jsonl").read_text().splitlines()]
     assert len(quarantine) == len(messy["bad"])
-    assert ingest.read_manifest(tmp_path / "data")
+    assert read_manifest(tmp_path / "data")

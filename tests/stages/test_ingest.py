@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import ingest, shard, shards
-from stages.cli import main as matting
-from stages.config import parse_params
+from matting_pipeline import shards
+from stages import ingest, shard
+from matting_pipeline.cli import main as matting
+from matting_pipeline.manifest import read_manifest
+from matting_pipeline.config import parse_params
 
-from .conftest import disc_mask, folders_params
+from tests.images import disc_mask, folders_params
 
 
 def _run_ingest(tmp_path, messy, workers=1):
@@ -118,7 +120,7 @@ def test_cli_prints_summary_and_shards_round_trip(tmp_path, messy, capsys):
     assert seg_row.split()[1:4] == ["21", "8", "5"]  # 21 files: 8 pairs, 2 orphans, 1 bad pair, 1 stray
 
     assert matting(["shard", *args]) == 0
-    manifest = ingest.read_manifest(data_root)
+    manifest = read_manifest(data_root)
     for set_name in ("matte", "background", "seg", "val-ext"):
         index = shards.read_index(data_root / "shards" / set_name)
         assert index["keys"] == index["order"]
@@ -126,7 +128,7 @@ def test_cli_prints_summary_and_shards_round_trip(tmp_path, messy, capsys):
     by_stem = {e["stem"]: e for e in manifest}
     samples = {s["meta"]["stem"]: s for s in shards.iter_samples(data_root / "shards" / "matte")}
     # 16-bit alpha stays bit-exact through ingest and shard
-    from stages.imageio import read_alpha
+    from matting_pipeline.imageio import read_alpha
 
     a16, _ = read_alpha(by_stem["ünï côdé"]["paths"]["alpha"])
     assert a16.dtype == np.uint16
@@ -151,7 +153,7 @@ def test_cli_prints_summary_and_shards_round_trip(tmp_path, messy, capsys):
 
 def test_shard_refuses_a_file_changed_since_ingest(tmp_path, messy):
     _run_ingest(tmp_path, messy)
-    manifest = ingest.read_manifest(tmp_path / "data")
+    manifest = read_manifest(tmp_path / "data")
     victim = next(e for e in manifest if e["set"] == "seg")["paths"]["mask"]
     os.utime(victim)
     with open(victim, "ab") as fh:
@@ -165,7 +167,7 @@ def test_no_accepted_sample_is_an_error_after_writing_the_quarantine(tmp_path):
     bg = tmp_path / "bg"
     bg.mkdir()
     (bg / "a.txt").write_text("x")
-    from .conftest import messy_tree
+    from tests.images import messy_tree
 
     tree = messy_tree(tmp_path / "raw")
     params = folders_params(tree)

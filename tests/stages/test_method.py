@@ -25,13 +25,16 @@ from matting_core.checkpoint import load_model, read_checkpoint
 from matting_core.methods import METHODS, get_method, predict_image
 from matting_core.metrics import evaluate_alpha
 from matting_core.regions import eval_trimap
-from stages import evaluate, method, pretrain, pseudolabel, student, teacher, tracking
+from matting_pipeline import tracking
+from matting_pipeline.layout import Layout
+from stages import evaluate, method, pretrain, pseudolabel, student, teacher
 from stages import report as report_stage
-from stages.cli import main
-from stages.config import ConfigError, parse_params
-from stages.shards import subset_keys, write_shard_set
-from stages.training import StageError, train
-from tests.stages.conftest import save
+from matting_pipeline.cli import main
+from matting_pipeline.config import COMPARED_METHODS, ConfigError, parse_params
+from matting_pipeline.shards import subset_keys, write_shard_set
+from matting_pipeline.cli import StageError
+from matting_pipeline.trainer import train
+from tests.images import save
 from tests.stages.test_training import MAT, SEG, SIZE, _disc, make_data
 
 CPU = torch.device("cpu")
@@ -137,7 +140,7 @@ def evaluated(world, trained):
 
 
 def test_params_schema_of_the_methods():
-    assert set(METHODS) - {"mlb"} == set(method.COMPARED)
+    assert set(METHODS) - {"mlb"} == set(COMPARED_METHODS)
     params = parse_params(make_params())
     assert params.method == "mlb" and params.comparison_cell() == (SEG, MAT)
     assert parse_params({"study": {"seg": [5, 9], "mat": [2, 4]}}).comparison_cell() == (9, 4)  # default: largest
@@ -153,7 +156,7 @@ def test_params_schema_of_the_methods():
 
 def test_repo_params_and_dvc_stages_of_the_comparison():
     repo = Path(__file__).resolve().parents[2]
-    from stages.config import load_params
+    from matting_pipeline.config import load_params
 
     params = load_params(repo / "params.yaml")
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
@@ -279,7 +282,7 @@ def test_teacher_stage_trains_the_params_method(world, tmp_path):
     with pytest.raises(pseudolabel.PseudolabelError, match="pseudolabel stage is part of Matte Label Blending"):
         pseudolabel.make_plan(params, SEG, MAT, world["data"], models)
     # evaluate: the cell's primary is that teacher, evaluated with DIM's guidance
-    result = evaluate.evaluate_cell(params, SEG, MAT, world["data"], models, tmp_path / "metrics", tmp_path / "eval",
+    result = evaluate.evaluate_cell(params, SEG, MAT, Layout(world["data"], models, tmp_path / "metrics", tmp_path / "eval"),
                                     "cpu")
     assert result["primary"] == "teacher" and list(result["models"]) == ["teacher"]
     teacher_entry = result["models"]["teacher"]
@@ -322,7 +325,7 @@ def _first_row(path: Path) -> dict:
 
 
 def test_dim_uses_the_sets_trimap_else_eval_trimap(world, evaluated):
-    from stages.shards import iter_samples
+    from matting_pipeline.shards import iter_samples
 
     model, _ = load_model(world["models"] / "methods" / "dim" / f"seg{SEG}-mat{MAT}" / "model.pt")
     for set_name, guidance in (("withtrimap", "set"), ("natural", "gt")):

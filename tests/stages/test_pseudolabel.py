@@ -34,8 +34,8 @@ from matting_core.checkpoint import load_model, save_checkpoint
 from matting_core.models import build_network
 from matting_core.pseudolabel import label_images
 from stages import pseudolabel as stage
-from stages.config import PseudolabelConfig, load_params
-from stages.shards import (
+from matting_pipeline.config import PseudolabelConfig, load_params
+from matting_pipeline.shards import (
     iter_encoded_samples,
     iter_samples,
     read_index,
@@ -189,7 +189,7 @@ def test_write_labels_refuses_a_mismatch_and_writes_nothing(tmp_path):
         teacher_path=tmp_path / "t.pt", teacher_sha256="0", keys=("k1", "k2"), shard_paths=(),
         samples_per_shard=1, subset_seed=0, blend_mode="soft", blend_dilate=0, amp=False, fingerprint="f",
     )
-    from stages.shards import encode_member
+    from matting_pipeline.shards import encode_member
 
     png = encode_member("blended", np.zeros((2, 2), np.float32))[1]
     row = {role: png for role in ("image", "mask", *stage.LABEL_ROLES)}
@@ -222,7 +222,7 @@ def test_ray_client_addresses_are_refused():
     # In a fresh interpreter: this module's fixture may already hold a Ray connection.
     code = (
         "from stages import pseudolabel as stage\n"
-        "from stages.config import PseudolabelConfig\n"
+        "from matting_pipeline.config import PseudolabelConfig\n"
         "try:\n"
         "    stage.connect_ray(PseudolabelConfig())\n"
         "except stage.PseudolabelError as err:\n"

@@ -20,7 +20,7 @@ import pytest
 
 from matting_core import report as core
 from stages import report as stage
-from stages.config import parse_params
+from matting_pipeline.config import parse_params
 
 REPO = Path(__file__).resolve().parents[2]
 SEG, MAT = [60, 240], [8, 32]

@@ -1,6 +1,6 @@
 """pretrain → teacher → MLB student on tiny real shards, CPU, a real sqlite MLflow store.
 
-The shard sets are written with the real writer (stages.shards.write_shard_set) in the
+The shard sets are written with the real writer (matting_pipeline.shards.write_shard_set) in the
 layout FORMATS.md fixes: data/shards/{seg,matte}, data/composite/train (meta fg_keys).
 """
 
@@ -19,11 +19,15 @@ from mlflow.tracking import MlflowClient
 
 from matting_core.checkpoint import load_model, read_checkpoint
 from matting_core.training import mlb_labels
-from stages import pretrain, student, teacher, tracking
-from stages.cli import main
-from stages.config import parse_params
-from stages.shards import subset_keys, write_shard_set
-from stages.training import PositionSampler, ShardReader, StageError, train
+from matting_pipeline import tracking
+from stages import pretrain, student, teacher
+from matting_pipeline.cli import main
+from matting_pipeline.config import parse_params
+from matting_pipeline.shards import subset_keys, write_shard_set
+from matting_pipeline.cli import StageError
+from matting_pipeline.shards import ShardReader
+from matting_pipeline.trainer import train
+from matting_pipeline.views import PositionSampler
 
 CPU = torch.device("cpu")
 SIZE = 48
@@ -441,7 +445,7 @@ def test_position_sampler_resumes_the_same_sequence():
 
 
 def test_loader_workers_give_the_same_batches(world):
-    from stages.training import ViewDataset, make_loader
+    from matting_pipeline.views import ViewDataset, make_loader
 
     reader = ShardReader(world["data"] / "shards" / "seg", subset_keys(world["data"] / "shards" / "seg", SEG))
     dataset = ViewDataset(reader, ["mask"], 32, (0.75, 1.25), seed=0, strong=True)

@@ -20,6 +20,7 @@ from matting_core.methods import (
     apply_known_regions,
     predict_image,
 )
+from matting_core.methods.common import GuidedEncoderDecoder
 from matting_core.methods.mam import box_prompt, point_prompt
 from matting_core.models import UNetMatting, build_network, network_spec
 
@@ -90,6 +91,24 @@ def test_plain_network_specs_are_the_main_method():
     assert out.shape == (1, 1, 33, 35)
     with pytest.raises(ValueError, match="stages"):
         get_method("mlb").make_loss()
+
+
+@pytest.mark.parametrize(
+    ("name", "children"),
+    [
+        ("dim", ["body", "decoder", "head", "refinement"]),
+        ("adamatting", ["body", "trimap_decoder", "alpha_decoder", "trimap_head", "alpha_head", "propagation"]),
+        ("mgm", ["body", "decoder", "head_os8", "head_os4", "head_os1"]),
+    ],
+)
+def test_guided_networks_build_encoder_then_decoders_then_heads(name, children):
+    # Construction order fixes the seeded initial weights and the state-dict keys checkpoints use.
+    model = build_tiny(name)
+    assert isinstance(model, GuidedEncoderDecoder)
+    assert [n for n, _ in model.named_children()] == children
+    assert model.body.guidance_name == get_method(name).required_input
+    with pytest.raises(TypeError):
+        type(model)(18)  # the method's own options are keyword-only; backbone options go by name
 
 
 @pytest.mark.parametrize("name", ["dim", "adamatting", "mgm"])

@@ -1,4 +1,4 @@
-"""``matting``: one command line for every stage and tool.
+"""``matting``: one command line for every stage and tool, and what every stage's entry shares.
 
 Subcommands are imported lazily, so ``matting --help`` is instant and a stage's heavy
 imports (torch, ray, mlflow) are paid only when it runs. Each stage module provides::
@@ -7,7 +7,12 @@ imports (torch, ray, mlflow) are paid only when it runs. Each stage module provi
     def add_arguments(parser: argparse.ArgumentParser) -> None
     def run(args: argparse.Namespace) -> int
 
-and is also runnable as ``python -m stages.<name>`` (what dvc.yaml calls).
+and is also runnable as ``python -m stages.<name>`` (what dvc.yaml calls). The user
+commands that are not stages (``predict``, ``export``) live in :mod:`matting_pipeline.tools`.
+
+A stage that cannot start (missing input, bad budget) raises :class:`StageError`;
+:func:`run_stage` turns it (and params, shard and numeric errors) into one
+``matting <stage>: error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 # name -> (module, one-line summary). Summaries live here so `matting --help` needs no imports.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,8 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "method": ("stages.method", "train a related method (DIM, AdaMatting, MGM, MGM-wild, MAM) at the comparison cell"),
     "evaluate": ("stages.evaluate", "evaluate one grid cell (or a compared method) on every validation set"),
     "report": ("stages.report", "tables, heatmaps, findings F1-F3 and an offline HTML report"),
-    "predict": ("stages.predict", "predict alpha mattes for an image or a folder"),
-    "export": ("stages.export", "export a checkpoint to ONNX"),
+    "predict": ("matting_pipeline.tools.predict", "predict alpha mattes for an image or a folder"),
+    "export": ("matting_pipeline.tools.export", "export a checkpoint to ONNX"),
 }
 
 
@@ -80,6 +87,47 @@ def main(argv: list[str] | None = None) -> int:
 def run_module(command: str) -> None:
     """Entry point for ``python -m stages.<command>``."""
     sys.exit(main([command, *sys.argv[1:]]))
+
+
+# ----------------------------------------------------------------------------- stage entry
+
+
+class StageError(RuntimeError):
+    """A training stage cannot start (missing input, bad budget); the message says what to run."""
+
+
+def run_stage(stage: str, build_and_train: Callable[[], Any]) -> int:
+    """Run a stage body; known errors become one ``matting <stage>: error: ...`` line and exit 2."""
+    from matting_pipeline.config import ConfigError
+    from matting_pipeline.shards import ShardError
+
+    try:
+        build_and_train()
+    except (StageError, ShardError, ConfigError, FloatingPointError) as err:
+        print(f"matting {stage}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, mat_required: bool = True) -> None:
+    """Arguments every grid training stage takes: the budgets, :func:`add_run_arguments`, ``--iters``."""
+    parser.add_argument("--seg", type=int, required=True, help="segmentation label budget S (subset size)")
+    parser.add_argument(
+        "--mat", type=int, required=mat_required, default=0, help="matte label budget M (subset size)"
+    )
+    add_run_arguments(parser)
+    parser.add_argument("--iters", type=int, default=None, help="override the step's iters")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--params``, ``--data-root``, ``--models-root`` and ``--device`` (every training stage)."""
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--data-root", default="data", help="data folder (default: data)")
+    parser.add_argument("--models-root", default="models", help="models folder (default: models)")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=None,
+        help="override train.device (auto = CUDA when available)",
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ but alpha and masks must be decoded with :func:`decode_member` to stay exact
 (WebDataset's ``rgb8`` decoder turns a 1-channel PNG into 3 channels).
 
 Writing is atomic: the whole set is built in a temporary sibling directory and renamed
-into place (:func:`stages.atomic.atomic_dir`); tars are reproducible (fixed mtime, owner
+into place (:func:`matting_pipeline.atomic.atomic_dir`); tars are reproducible (fixed mtime, owner
 and member order), so the same samples give the same sha256.
 
 Reading is defensive: with ``verify=True`` each shard's sha256 is checked against the
@@ -54,7 +54,7 @@ import re
 import sys
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stages.atomic import atomic_dir
+from matting_pipeline.atomic import atomic_dir, file_sha256
 
 __all__ = [
     "ShardError",
@@ -70,6 +70,7 @@ __all__ = [
     "UnsafeMemberError",
     "ROLE_KINDS",
     "KEY_PATTERN",
+    "ShardReader",
     "ShardWriter",
     "write_shard_set",
     "seeded_order",
@@ -85,6 +86,7 @@ __all__ = [
     "member_name",
     "parse_member_name",
     "parallel_map",
+    "default_workers",
     "iter_encoded_samples",
     "decode_sample",
 ]
@@ -312,14 +314,6 @@ def seeded_order(keys: Iterable[str], seed: int, set_name: str) -> list[str]:
 # ---------------------------------------------------------------------------- writing
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class ShardWriter:
     """Write one shard set atomically.
 
@@ -430,7 +424,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-            self._shards[-1]["sha256"] = _sha256_file(self._tmp / self._shards[-1]["name"])
+            self._shards[-1]["sha256"] = file_sha256(self._tmp / self._shards[-1]["name"])
 
     def _finish(self) -> None:
         self._close_tar()
@@ -705,7 +699,128 @@ def verify_set(set_dir: str | Path) -> dict:
     return index
 
 
+# ---------------------------------------------------------------------------- random access
+
+
+class ShardReader:
+    """Random access to samples of one shard set without loading it.
+
+    The constructor reads ``index.json`` and walks each needed tar's headers once, keeping
+    ``key → role → (shard, byte offset, size, ext)``. :meth:`read` then seeks straight to a
+    sample's members. Member names are checked as the shard reader does
+    (:func:`parse_member_name`), so unsafe or unexpected names are refused.
+    File handles are opened lazily per process (safe with DataLoader workers).
+
+    Args:
+        set_dir: the shard set directory.
+        keys: the samples to expose, in this order (default: every key, storage order).
+        verify: check each needed shard's sha256 against the index first (one read of
+            the bytes; corrupt data fails here rather than hours into training).
+    """
+
+    def __init__(self, set_dir: str | Path, keys: Sequence[str] | None = None, verify: bool = True):
+        self.set_dir = Path(set_dir)
+        index = read_index(self.set_dir)
+        self.keys: list[str] = list(index["keys"] if keys is None else keys)
+        unknown = [k for k in self.keys if k not in index["shard_of"]]
+        if unknown:
+            raise ShardError(f"{self.set_dir}: {len(unknown)} unknown key(s), e.g. {unknown[:3]}")
+        wanted = set(self.keys)
+        needed = {index["shard_of"][k] for k in self.keys}
+        self._members: dict[str, dict[str, tuple[str, int, int, str]]] = {}
+        for shard in index["shards"]:
+            name = shard["name"]
+            if name not in needed:
+                continue
+            path = self.set_dir / name
+            if verify and file_sha256(path) != shard["sha256"]:
+                raise ShardError(
+                    f"{path}: sha256 does not match the index; the shard is corrupt or was modified -- rebuild the set"
+                )
+            with tarfile.open(path, mode="r:") as tf:
+                for member in tf:
+                    key, role, ext = parse_member_name(member.name, name)
+                    if not member.isfile():
+                        raise ShardError(f"{name}: refused member {member.name!r}: not a regular file")
+                    if index["shard_of"].get(key) != name:
+                        raise ShardError(f"{name}: refused member {member.name!r}: key not in this shard's index")
+                    if key in wanted:
+                        self._members.setdefault(key, {})[role] = (name, member.offset_data, member.size, ext)
+        missing = [k for k in self.keys if k not in self._members]
+        if missing:
+            raise ShardError(f"{self.set_dir}: indexed sample(s) missing from the tars, e.g. {missing[:3]}")
+        self._handles: dict[str, Any] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def roles(self, key: str) -> list[str]:
+        return sorted(self._members[key])
+
+    def _read_bytes(self, shard: str, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # forked worker: never share file offsets
+            self._handles, self._pid = {}, os.getpid()
+        fh = self._handles.get(shard)
+        if fh is None:
+            fh = self._handles[shard] = open(self.set_dir / shard, "rb")
+        fh.seek(offset)
+        data = fh.read(size)
+        if len(data) != size:
+            raise ShardError(f"{self.set_dir / shard}: truncated at byte {offset} (wanted {size})")
+        return data
+
+    def read(self, key: str, roles: Sequence[str] | None = None) -> dict[str, Any]:
+        """Decode one sample: ``{"key", "meta", role: array}`` (as :func:`iter_samples`)."""
+        members = self._members[key]
+        wanted = list(members) if roles is None else ["meta", *roles]
+        out: dict[str, Any] = {"key": key}
+        for role in wanted:
+            if role not in members:
+                raise ShardError(f"{self.set_dir}: sample {key!r} has no {role!r} member (has {sorted(members)})")
+            shard, offset, size, ext = members[role]
+            try:
+                out[role] = decode_member(role, ext, self._read_bytes(shard, offset, size))
+            except ShardError as err:
+                raise ShardError(f"{self.set_dir / shard}: {key}.{role}: {err}") from None
+        return out
+
+    def restrict(self, keys: Sequence[str]) -> "ShardReader":
+        """A reader over ``keys`` (a subset of this one's), sharing the member table."""
+        unknown = [k for k in keys if k not in self._members]
+        if unknown:
+            raise ShardError(f"{self.set_dir}: key(s) not in this reader, e.g. {unknown[:3]}")
+        other = object.__new__(ShardReader)
+        other.__dict__.update(self.__getstate__())
+        other.keys = list(keys)
+        other._members = {k: self._members[k] for k in keys}
+        other._pid = os.getpid()
+        return other
+
+    def meta(self, key: str) -> dict:
+        return self.read(key, roles=[])["meta"]
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles = {}
+
+
 # ---------------------------------------------------------------------------- utilities
+
+
+def default_workers() -> int:
+    """Worker processes for decoding/generation: the CPUs this process may use (at most 8)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
 
 
 def parallel_map(

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from stages import atomic
+from matting_pipeline import atomic
 
 
 def test_write_json_replaces_whole_file(tmp_path):

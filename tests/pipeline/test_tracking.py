@@ -3,7 +3,7 @@
 import mlflow
 import pytest
 
-from stages import tracking
+from matting_pipeline import tracking
 
 
 @pytest.fixture()

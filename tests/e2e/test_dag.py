@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.pipeline.tiny import make_tiny_project, pipeline_env
+from tests.e2e.tiny import make_tiny_project, pipeline_env
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""stages.export: checkpoint → ONNX with dynamic N/H/W, parity with PyTorch in onnxruntime."""
+"""matting_pipeline.tools.export: checkpoint → ONNX with dynamic N/H/W, parity with PyTorch in onnxruntime."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from matting_core.checkpoint import save_checkpoint
 from matting_core.models import build_network
-from stages.cli import main
+from matting_pipeline.cli import main
 
 
 @pytest.fixture(scope="module")

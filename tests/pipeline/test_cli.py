@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from stages import cli
+from matting_pipeline import cli
 
 
 def test_help_lists_commands(capsys):

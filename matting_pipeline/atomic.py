@@ -1,4 +1,4 @@
-"""Atomic outputs: write to a temporary sibling, then rename into place.
+"""Atomic outputs (write to a temporary sibling, then rename into place) and file digests.
 
 A stage killed half-way leaves either the old output or the new one, never a torn file.
 ``os.replace`` is atomic on POSIX when source and target are on the same filesystem,
@@ -8,12 +8,27 @@ which a sibling temp path guarantees.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (the one digest helper of the project)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bytes_sha256(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.cli import run_module
+from matting_pipeline.cli import run_module
 
 DESCRIPTION = __doc__
 
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from matting_core.checkpoint import load_model
     from matting_core.models.onnx_export import DEFAULT_OPSET, export_onnx, onnx_parity
-    from stages.atomic import write_bytes
+    from matting_pipeline.atomic import write_bytes
 
     if not args.checkpoint.is_file():
         print(f"matting export: checkpoint not found: {args.checkpoint}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""stages.imageio: every messy file kind decodes to a defined array, or fails with a reason."""
+"""matting_pipeline.imageio: every messy file kind decodes to a defined array, or fails with a reason."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from stages import imageio
-from stages.imageio import ImageReadError
+from matting_pipeline import imageio
+from matting_pipeline.imageio import ImageReadError
 
-from .conftest import disc_mask, rgb, save, save_exif_rotated, save_truncated, soft_alpha
+from tests.images import disc_mask, rgb, save, save_exif_rotated, save_truncated, soft_alpha
 
 H, W = 24, 32
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import ConfigError, load_params, parse_params
+from matting_pipeline.config import ConfigError, load_params, parse_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_repo_params_yaml_is_valid():

@@ -10,9 +10,9 @@ from PIL import Image
 from matting_core.checkpoint import load_model, save_checkpoint
 from matting_core.inference import predict_alpha
 from matting_core.models import build_network
-from stages.cli import main
-from stages.predict import output_names, parse_colour
-from tests.stages.conftest import rgb, save, save_exif_rotated, save_truncated
+from matting_pipeline.cli import main
+from matting_pipeline.tools.predict import output_names, parse_colour
+from tests.images import rgb, save, save_exif_rotated, save_truncated
 
 SHORT = 48
 

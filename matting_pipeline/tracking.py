@@ -14,15 +14,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from matting_core.grid import cell_name
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # MLflow phones home and prints a banner unless told not to; set before import.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-def cell_name(seg_count: int, mat_count: int) -> str:
-    """Canonical name of a grid cell: ``seg<S>-mat<M>``."""
-    return f"seg{int(seg_count)}-mat{int(mat_count)}"
 
 
 def tracking_uri() -> str:

@@ -135,7 +135,7 @@ def find_partner(folder: Path, rel: Path, single_input: bool) -> Path | None:
 
 def read_partner(kind: str, path: Path, size_hw: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
     """A trimap (0/128/255) or mask (0/255) as (H, W) uint8 of the image's size, and its conversions."""
-    from stages.imageio import read_mask, read_trimap, resize_partner
+    from matting_pipeline.imageio import read_mask, read_trimap, resize_partner
 
     if kind == "trimap":
         array, conversions = read_trimap(path)
@@ -219,9 +219,9 @@ def run(args: argparse.Namespace) -> int:
     from matting_core.checkpoint import load_model
     from matting_core.inference import cutout_over, predict_alpha
     from matting_core.methods import method_of, predict_image
-    from stages.atomic import write_bytes
-    from stages.imageio import ImageReadError, read_image_rgb
-    from stages.training import resolve_device
+    from matting_pipeline.atomic import write_bytes
+    from matting_pipeline.imageio import ImageReadError, read_image_rgb
+    from matting_pipeline.trainer import resolve_device
 
     def usage(message: str) -> int:
         print(f"matting predict: error: {message}", file=sys.stderr)
@@ -322,6 +322,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from stages.cli import run_module
+    from matting_pipeline.cli import run_module
 
     run_module("predict")

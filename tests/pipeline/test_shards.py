@@ -1,4 +1,4 @@
-"""stages.shards: round trips, nested subsets, integrity, member-name safety, atomicity."""
+"""matting_pipeline.shards: round trips, nested subsets, integrity, member-name safety, atomicity."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from stages import shards
-from stages.shards import ShardError, ShardIntegrityError, UnsafeMemberError
+from matting_pipeline import shards
+from matting_pipeline.shards import ShardError, ShardIntegrityError, UnsafeMemberError
 
-from .conftest import disc_mask, rgb, soft_alpha
+from tests.images import disc_mask, rgb, soft_alpha
 
 H, W = 12, 16
 

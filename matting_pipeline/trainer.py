@@ -1,17 +1,18 @@
 """The training loop shared by ``pretrain``, ``teacher``, ``student`` and ``method``.
 
-One call of :func:`train` runs (or resumes) one training job:
+One call of :func:`train` runs (or resumes) one :class:`TrainingJob` (built by a stage
+module, or by :mod:`matting_pipeline.jobs`) in three parts: :func:`_resume` (optimiser,
+scheduler, the saved state when its fingerprint matches, the MLflow run), :func:`_loop`
+(the steps, windowed logging, checkpoints) and :func:`_finish` (``model.pt``, the MLflow
+artifact, the state removed).
 
-- **Data**: :class:`ShardReader` indexes the tar shards once (key → member offset and size,
-  from ``tarfile``'s ``offset_data``) and reads samples by seek, so the sets need not fit
-  in memory (the paper's 50K seg images). :class:`ViewDataset` turns a sample into the
-  training views (:func:`matting_core.training.make_views`); :class:`PositionSampler`
-  draws an endless seeded sequence of epochs. The augmentation randomness of the ``p``-th
-  sample of a run is ``default_rng([seed, p])``, so a resumed run sees exactly the batches
-  an uninterrupted run would, whatever ``num_workers``.
+- **Data**: ``job.dataset`` is a :class:`matting_pipeline.views.ViewDataset` over a
+  :class:`matting_pipeline.shards.ShardReader`; the loader
+  (:func:`matting_pipeline.views.make_loader`) resumes the exact sequence of batches of
+  an uninterrupted run, whatever ``num_workers``.
 - **Optimisation**: Adam, cosine decay (:func:`matting_core.training.cosine_schedule`),
   mixed precision on CUDA (bfloat16 where supported, else float16 with a GradScaler). A
-  related method (:mod:`stages.method`) brings its own step (``TrainingJob.step_fn``:
+  related method (:mod:`matting_pipeline.jobs`) brings its own step (``TrainingJob.step_fn``:
   :meth:`matting_core.methods.Method.train_step`), optimiser parameters and loss module
   (resumed as ``modules["loss"]``); the loop, resume and logging are the same.
 - **Resume**: every ``checkpoint_every`` steps the full state (model, optimizer, scheduler,
@@ -23,9 +24,9 @@ One call of :func:`train` runs (or resumes) one training job:
   something changed, and then it must train from the start.
 - **Outputs**: ``<out_dir>/model.pt`` (:func:`matting_core.checkpoint.save_checkpoint`,
   ``extra`` holds stage, budgets, step, run id, hyper-parameters) and ``<out_dir>/run.json``
-  (the MLflow run id).
+  (the MLflow run id); names in :mod:`matting_pipeline.layout`.
 - **MLflow**: one run per job, nested under the grid cell's parent run
-  (:func:`stages.tracking.get_or_create_cell_run`), named
+  (:func:`matting_pipeline.tracking.get_or_create_cell_run`), named
   ``<stage>-<network>-seg<S>-mat<M>-seed<k>`` (pretrain: ``pretrain-<network>-seg<S>-seed<k>``,
   nested under the seg-only cell ``seg<S>-mat0``; a related method adds its name:
   ``teacher-dim-<network>-seg<S>-mat<M>-seed<k>``, ``method-mgm-...``). Params: stage,
@@ -44,66 +45,33 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tarfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from matting_core.checkpoint import read_checkpoint, save_checkpoint, save_training_state, load_training_state
-from matting_core.training import (
-    collate_views,
-    cosine_schedule,
-    make_views,
-    sample_rng,
-    train_step,
-)
-from stages import tracking
-from stages.atomic import write_json
-from stages.shards import ShardError, decode_member, parse_member_name, read_index
+from matting_core.checkpoint import load_training_state, read_checkpoint, save_checkpoint, save_training_state
+from matting_core.training import cosine_schedule, train_step
+from matting_pipeline import tracking
+from matting_pipeline.atomic import write_json
+from matting_pipeline.cli import StageError, run_stage
+from matting_pipeline.layout import MODEL_NAME, RUN_NAME, STATE_NAME
+from matting_pipeline.views import ViewDataset, make_loader
 
 __all__ = [
-    "PositionSampler",
-    "ShardReader",
     "TrainingJob",
-    "ViewDataset",
-    "add_common_arguments",
     "autocast_settings",
-    "file_sha256",
     "resolve_device",
+    "run_training_stage",
+    "step_hyper",
     "train",
 ]
 
-STATE_NAME = "state.pt"
-MODEL_NAME = "model.pt"
-RUN_NAME = "run.json"
 _FLUSH_SECONDS = 30.0
-
-
-# ------------------------------------------------------------------------------ CLI
-
-
-def add_common_arguments(parser, mat_required: bool = True) -> None:
-    """Arguments every training stage takes."""
-    parser.add_argument("--seg", type=int, required=True, help="segmentation label budget S (subset size)")
-    parser.add_argument(
-        "--mat", type=int, required=mat_required, default=0, help="matte label budget M (subset size)"
-    )
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--data-root", default="data", help="data folder (default: data)")
-    parser.add_argument("--models-root", default="models", help="models folder (default: models)")
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default=None,
-        help="override train.device (auto = CUDA when available)",
-    )
-    parser.add_argument("--iters", type=int, default=None, help="override the step's iters")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,234 +93,6 @@ def autocast_settings(device: torch.device, amp: bool) -> tuple[torch.dtype | No
         return torch.bfloat16, False
     return torch.float16, True
 
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class ShardReader:
-    """Random access to samples of one shard set without loading it.
-
-    The constructor reads ``index.json`` and walks each needed tar's headers once, keeping
-    ``key → role → (shard, byte offset, size, ext)``. :meth:`read` then seeks straight to a
-    sample's members. Member names are checked as the shard reader does
-    (:func:`stages.shards.parse_member_name`), so unsafe or unexpected names are refused.
-    File handles are opened lazily per process (safe with DataLoader workers).
-
-    Args:
-        set_dir: the shard set directory.
-        keys: the samples to expose, in this order (default: every key, storage order).
-        verify: check each needed shard's sha256 against the index first (one read of
-            the bytes; corrupt data fails here rather than hours into training).
-    """
-
-    def __init__(self, set_dir: str | Path, keys: Sequence[str] | None = None, verify: bool = True):
-        self.set_dir = Path(set_dir)
-        index = read_index(self.set_dir)
-        self.keys: list[str] = list(index["keys"] if keys is None else keys)
-        unknown = [k for k in self.keys if k not in index["shard_of"]]
-        if unknown:
-            raise ShardError(f"{self.set_dir}: {len(unknown)} unknown key(s), e.g. {unknown[:3]}")
-        wanted = set(self.keys)
-        needed = {index["shard_of"][k] for k in self.keys}
-        self._members: dict[str, dict[str, tuple[str, int, int, str]]] = {}
-        for shard in index["shards"]:
-            name = shard["name"]
-            if name not in needed:
-                continue
-            path = self.set_dir / name
-            if verify and file_sha256(path) != shard["sha256"]:
-                raise ShardError(
-                    f"{path}: sha256 does not match the index; the shard is corrupt or was modified -- rebuild the set"
-                )
-            with tarfile.open(path, mode="r:") as tf:
-                for member in tf:
-                    key, role, ext = parse_member_name(member.name, name)
-                    if not member.isfile():
-                        raise ShardError(f"{name}: refused member {member.name!r}: not a regular file")
-                    if index["shard_of"].get(key) != name:
-                        raise ShardError(f"{name}: refused member {member.name!r}: key not in this shard's index")
-                    if key in wanted:
-                        self._members.setdefault(key, {})[role] = (name, member.offset_data, member.size, ext)
-        missing = [k for k in self.keys if k not in self._members]
-        if missing:
-            raise ShardError(f"{self.set_dir}: indexed sample(s) missing from the tars, e.g. {missing[:3]}")
-        self._handles: dict[str, Any] = {}
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_handles"] = {}
-        return state
-
-    def roles(self, key: str) -> list[str]:
-        return sorted(self._members[key])
-
-    def _read_bytes(self, shard: str, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # forked worker: never share file offsets
-            self._handles, self._pid = {}, os.getpid()
-        fh = self._handles.get(shard)
-        if fh is None:
-            fh = self._handles[shard] = open(self.set_dir / shard, "rb")
-        fh.seek(offset)
-        data = fh.read(size)
-        if len(data) != size:
-            raise ShardError(f"{self.set_dir / shard}: truncated at byte {offset} (wanted {size})")
-        return data
-
-    def read(self, key: str, roles: Sequence[str] | None = None) -> dict[str, Any]:
-        """Decode one sample: ``{"key", "meta", role: array}`` (as :func:`stages.shards.iter_samples`)."""
-        members = self._members[key]
-        wanted = list(members) if roles is None else ["meta", *roles]
-        out: dict[str, Any] = {"key": key}
-        for role in wanted:
-            if role not in members:
-                raise ShardError(f"{self.set_dir}: sample {key!r} has no {role!r} member (has {sorted(members)})")
-            shard, offset, size, ext = members[role]
-            try:
-                out[role] = decode_member(role, ext, self._read_bytes(shard, offset, size))
-            except ShardError as err:
-                raise ShardError(f"{self.set_dir / shard}: {key}.{role}: {err}") from None
-        return out
-
-    def restrict(self, keys: Sequence[str]) -> "ShardReader":
-        """A reader over ``keys`` (a subset of this one's), sharing the member table."""
-        unknown = [k for k in keys if k not in self._members]
-        if unknown:
-            raise ShardError(f"{self.set_dir}: key(s) not in this reader, e.g. {unknown[:3]}")
-        other = object.__new__(ShardReader)
-        other.__dict__.update(self.__getstate__())
-        other.keys = list(keys)
-        other._members = {k: self._members[k] for k in keys}
-        other._pid = os.getpid()
-        return other
-
-    def meta(self, key: str) -> dict:
-        return self.read(key, roles=[])["meta"]
-
-    def close(self) -> None:
-        for fh in self._handles.values():
-            fh.close()
-        self._handles = {}
-
-
-class ViewDataset(Dataset):
-    """Map-style dataset of training views, indexed by ``(sample index, draw position)``.
-
-    ``dataset[(i, p)]`` reads sample ``keys[i]`` and returns
-    ``make_views(sample, default_rng([seed, p]), crop, scale_range, roles, strong)``.
-    With ``guidance`` (a related method's input, see :mod:`stages.method`) the view also
-    gets ``views[guidance_key] = guidance(views["alpha"], rng)``, drawn from the same
-    generator after the geometry, so it is as reproducible as the crop (and made from the
-    cropped GT alpha, as the methods make theirs).
-    """
-
-    def __init__(
-        self,
-        reader: ShardReader,
-        roles: Sequence[str],
-        crop: int,
-        scale_range: tuple[float, float],
-        seed: int,
-        strong: bool = False,
-        guidance_key: str | None = None,
-        guidance: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-    ):
-        self.reader = reader
-        self.roles = list(roles)
-        self.crop = int(crop)
-        self.scale_range = tuple(scale_range)
-        self.seed = int(seed)
-        self.strong = bool(strong)
-        if (guidance_key is None) != (guidance is None):
-            raise ValueError("guidance_key and guidance go together")
-        if guidance is not None and "alpha" not in self.roles:
-            raise ValueError("guidance is made from the GT alpha: add 'alpha' to the roles")
-        self.guidance_key = guidance_key
-        self.guidance = guidance
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
-        index, position = item
-        sample = self.reader.read(self.reader.keys[index], roles=["image", *self.roles])
-        rng = sample_rng(self.seed, position)
-        views = make_views(sample, rng, self.crop, self.scale_range, self.roles, self.strong)
-        if self.guidance is not None:
-            views[self.guidance_key] = np.ascontiguousarray(self.guidance(views["alpha"], rng), dtype=np.float32)
-        return views
-
-
-class PositionSampler(Sampler):
-    """Endless ``(sample index, position)`` pairs starting at ``start``.
-
-    Position ``p`` belongs to epoch ``e = p // n``, whose order is
-    ``default_rng([seed, e, 1]).permutation(n)``: a pure function of ``(seed, p)``, so
-    starting at ``step · batch_size`` resumes the exact sequence.
-    """
-
-    def __init__(self, num_samples: int, seed: int, start: int = 0):
-        if num_samples < 1:
-            raise ValueError("cannot sample from an empty training set")
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.start = int(start)
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, 1]).permutation(self.num_samples)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        position = self.start
-        epoch = position // self.num_samples
-        order = self._epoch_order(epoch)
-        while True:
-            e, offset = divmod(position, self.num_samples)
-            if e != epoch:
-                epoch, order = e, self._epoch_order(e)
-            yield int(order[offset]), position
-            position += 1
-
-
-def _worker_init(_: int) -> None:
-    import cv2
-
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
-def make_loader(dataset: ViewDataset, batch_size: int, start_step: int, num_workers: int) -> DataLoader:
-    """Endless loader of collated batches, resuming at ``start_step``.
-
-    Workers start from a fork server, not a plain fork: forking a process whose OpenCV or
-    OpenMP thread pools are live (any process that already decoded or trained) can
-    deadlock the child on its first threaded call.
-    """
-    import multiprocessing
-
-    sampler = PositionSampler(len(dataset), dataset.seed, start=start_step * batch_size)
-    return DataLoader(
-        dataset,
-        multiprocessing_context=multiprocessing.get_context("forkserver") if num_workers > 0 else None,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=num_workers,
-        collate_fn=collate_views,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        persistent_workers=False,
-        pin_memory=False,
-    )
 
 
 # ----------------------------------------------------------------------------- job
@@ -740,31 +480,15 @@ def train(
     }
 
 
-# ----------------------------------------------------------------------------- stage helpers
 
 
-class StageError(RuntimeError):
-    """A training stage cannot start (missing input, bad budget); the message says what to run."""
-
-
-def run_stage(stage: str, build_and_train: Callable[[], Any]) -> int:
-    """Run a stage body; known errors become one ``matting <stage>: error: ...`` line and exit 2."""
-    import sys
-
-    from stages.config import ConfigError
-
-    try:
-        build_and_train()
-    except (StageError, ShardError, ConfigError, FloatingPointError) as err:
-        print(f"matting {stage}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+# ----------------------------------------------------------------------------- stage entry
 
 
 def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: str | None = None) -> int:
     """The ``run`` of every training stage: load params, pick the device, build the job
     with ``build_job(args, params, device)``, train, report where the model went."""
-    from stages.config import load_params
+    from matting_pipeline.config import load_params
 
     def body():
         params = load_params(args.params)
@@ -783,31 +507,3 @@ def step_hyper(step_cfg, iters: int | None) -> dict[str, Any]:
             raise StageError(f"--iters must be >= 1, got {iters}")
         hyper["iters"] = int(iters)
     return hyper
-
-
-def pretrain_dir(models_root: str | Path, seg_count: int) -> Path:
-    """``models/pretrain/seg<S>``: pre-training depends on the seg budget only."""
-    return Path(models_root) / "pretrain" / f"seg{int(seg_count)}"
-
-
-def cell_dir(models_root: str | Path, stage: str, seg_count: int, mat_count: int) -> Path:
-    """``models/<stage>/seg<S>-mat<M>``."""
-    return Path(models_root) / stage / tracking.cell_name(seg_count, mat_count)
-
-
-def require_checkpoint(path: Path, command: str) -> Path:
-    if not path.is_file():
-        raise StageError(f"{path} not found; make it first with `{command}`")
-    return path
-
-
-def budget_keys(set_dir: str | Path, count: int) -> list[str]:
-    """``subset_keys(set_dir, count)``, with a budget larger than the set as a StageError."""
-    from stages.shards import subset_keys
-
-    try:
-        return subset_keys(set_dir, count)
-    except ShardError:
-        raise
-    except ValueError as err:
-        raise StageError(str(err)) from None

@@ -16,7 +16,7 @@ documented next to their fields and in params.yaml.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -223,6 +223,8 @@ class StudyConfig(_Section):
 
 MethodName = Literal["mlb", "dim", "adamatting", "mgm", "mgm_wild", "mam"]
 ComparedMethod = Literal["dim", "adamatting", "mgm", "mgm_wild", "mam"]  # every MethodName but mlb
+# The one list of the related methods' names (matting_core.methods.METHODS has them all, a test checks).
+COMPARED_METHODS: tuple[str, ...] = get_args(ComparedMethod)
 
 
 class DIMOptions(_Section):
@@ -304,7 +306,7 @@ class MethodsConfig(_Section):
     """
 
     compare: list[ComparedMethod] = Field(
-        default_factory=lambda: ["dim", "adamatting", "mgm", "mgm_wild", "mam"],
+        default_factory=lambda: list(COMPARED_METHODS),
         description="methods trained and evaluated side by side with the main method",
     )
     cell: tuple[int, int] | None = Field(
@@ -394,7 +396,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (typo?); see stages/config.py for the valid keys"
+            msg = "unknown key (typo?); see matting_pipeline/config.py for the valid keys"
         lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
