@@ -179,7 +179,6 @@ class PseudolabelConfig(_Section):
     max_restarts: int = Field(
         3, ge=0, description="times Ray restarts a dead actor; its unfinished batches are retried as often"
     )
-    seed: int = Field(0, description="unused: the weak view is the stored image (no randomness)")
 
 
 class EvaluateConfig(_Section):

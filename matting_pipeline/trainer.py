@@ -298,6 +298,37 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+@dataclass
+class _Run:
+    """The live state of one :func:`train` call, shared by its three parts."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    autocast_dtype: torch.dtype | None
+    fingerprint: str
+    state_path: Path
+    model_path: Path
+    start_step: int
+    logger: _RunLogger | None = None
+    run_info: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    saved_step: int = 0
+    final_loss: float = math.nan
+
+    def save_state(self, job: TrainingJob) -> None:
+        save_training_state(
+            self.state_path, self.model, self.optimizer, self.scheduler, self.step, scaler=self.scaler,
+            modules=job.modules,
+            extra={"fingerprint": self.fingerprint, "run_id": self.logger.run_id, "stage": job.stage},
+        )
+        self.saved_step = self.step
+
+    def write_run_json(self, job: TrainingJob, status: str) -> None:
+        write_json(Path(job.out_dir) / RUN_NAME, {**self.run_info, "status": status, "step": self.step})
+
+
 def train(
     job: TrainingJob,
     device: torch.device,
@@ -316,14 +347,40 @@ def train(
     Returns:
         ``{"run_id", "model_path", "start_step", "step", "resumed", "final_loss"}``.
     """
-    from tqdm.auto import tqdm
+    run = _resume(job, device)
+    status = "FAILED"
+    try:
+        _loop(job, run, device, on_step, progress)
+        _finish(job, run)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            try:
+                run.logger.finish(status, drop_after=run.saved_step)
+                run.write_run_json(job, status)
+            except Exception:  # noqa: BLE001 - never mask the original error
+                pass
+    return {
+        "run_id": run.logger.run_id,
+        "model_path": run.model_path,
+        "start_step": run.start_step,
+        "step": run.step,
+        "resumed": run.start_step > 0,
+        "final_loss": run.final_loss,
+    }
 
+
+def _resume(job: TrainingJob, device: torch.device) -> _Run:
+    """Model, optimiser, schedule and scaler on ``device``; the saved state when its
+    fingerprint matches (else step 0, said so); the MLflow run (continued when resumed)."""
     hyper = job.hyper
-    iters, batch_size = int(hyper["iters"]), int(hyper["batch_size"])
-    checkpoint_every, log_every = int(hyper["checkpoint_every"]), int(hyper["log_every"])
+    iters = int(hyper["iters"])
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state_path, model_path = out_dir / STATE_NAME, out_dir / MODEL_NAME
+    state_path = out_dir / STATE_NAME
 
     torch.manual_seed(int(hyper["seed"]))
     model = job.model.to(device)
@@ -368,38 +425,45 @@ def train(
         **tracking.flatten_params({"network_spec": dict(job.model.network_spec)}),
         **{k: str(v) for k, v in job.run_params.items()},
     }
-    logger = _RunLogger(job, resume_run_id, params)
-    run_info = {
-        "run_id": logger.run_id,
-        "parent_run_id": logger.parent_id,
+    run = _Run(
+        model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, autocast_dtype=autocast_dtype,
+        fingerprint=fingerprint, state_path=state_path, model_path=out_dir / MODEL_NAME,
+        start_step=start_step, step=start_step, saved_step=start_step,
+    )
+    run.logger = _RunLogger(job, resume_run_id, params)
+    run.run_info = {
+        "run_id": run.logger.run_id,
+        "parent_run_id": run.logger.parent_id,
         "experiment": job.experiment,
-        "experiment_id": logger.experiment_id,
+        "experiment_id": run.logger.experiment_id,
         "run_name": job.run_name,
         "tracking_uri": tracking.tracking_uri(),
     }
-    write_json(out_dir / RUN_NAME, {**run_info, "status": "RUNNING", "step": start_step})
+    run.write_run_json(job, "RUNNING")
+    return run
 
-    def save_state(step: int) -> None:
-        save_training_state(
-            state_path, model, optimizer, scheduler, step, scaler=scaler, modules=job.modules,
-            extra={"fingerprint": fingerprint, "run_id": logger.run_id, "stage": job.stage},
-        )
 
-    status = "FAILED"
-    step = saved_step = start_step
+def _loop(job: TrainingJob, run: _Run, device: torch.device, on_step, progress: bool) -> None:
+    """The steps from ``run.step`` to ``iters``: windowed means to MLflow, a state every
+    ``checkpoint_every`` steps, a tqdm bar; a non-finite loss stops with a clear error."""
+    from tqdm.auto import tqdm
+
+    hyper = job.hyper
+    iters, batch_size = int(hyper["iters"]), int(hyper["batch_size"])
+    checkpoint_every, log_every = int(hyper["checkpoint_every"]), int(hyper["log_every"])
+    model, optimizer, scheduler, logger = run.model, run.optimizer, run.scheduler, run.logger
     window: dict[str, list[torch.Tensor]] = {}
-    final_loss = math.nan
     bar = tqdm(
-        total=iters, initial=start_step, desc=job.run_name, unit="it", disable=not progress,
+        total=iters, initial=run.start_step, desc=job.run_name, unit="it", disable=not progress,
         dynamic_ncols=True, mininterval=0.5,
     )
     loader_iter = aux_iter = None
     try:
-        if start_step < iters:
-            loader_iter = iter(make_loader(job.dataset, batch_size, start_step, job.num_workers))
+        if run.step < iters:
+            loader_iter = iter(make_loader(job.dataset, batch_size, run.step, job.num_workers))
             if job.aux_dataset is not None:
-                aux_iter = iter(make_loader(job.aux_dataset, batch_size, start_step, job.num_workers))
-        while step < iters:
+                aux_iter = iter(make_loader(job.aux_dataset, batch_size, run.step, job.num_workers))
+        while run.step < iters:
             batch = _to_device(next(loader_iter), device)
             if aux_iter is not None:
                 batch.update({f"{job.aux_prefix}{k}": v for k, v in _to_device(next(aux_iter), device).items()})
@@ -408,17 +472,18 @@ def train(
             lr = optimizer.param_groups[0]["lr"]
             if job.step_fn is not None:
                 terms = job.step_fn(
-                    batch, optimizer, step, iters,
-                    scheduler=scheduler, scaler=scaler, autocast_dtype=autocast_dtype,
+                    batch, optimizer, run.step, iters,
+                    scheduler=scheduler, scaler=run.scaler, autocast_dtype=run.autocast_dtype,
                 )
             else:
                 terms = train_step(
                     model, optimizer, batch, job.objective, input_key=job.input_key,
-                    scheduler=scheduler, scaler=scaler, autocast_dtype=autocast_dtype,
+                    scheduler=scheduler, scaler=run.scaler, autocast_dtype=run.autocast_dtype,
                 )
             if job.after_step is not None:
                 job.after_step()
-            step += 1
+            run.step += 1
+            step = run.step
             for key, value in terms.items():
                 window.setdefault(key, []).append(value)
             window.setdefault("_lr", []).append(torch.tensor(lr))
@@ -430,56 +495,37 @@ def train(
                         f"{job.run_name}: loss is {means['total']} at step {step}; lower the learning rate "
                         f"(train.{job.stage}.lr) or check the data"
                     )
-                final_loss = means["total"]
-                logged = {("lr" if k == "_lr" else f"loss/{k}"): v for k, v in means.items()}
-                logger.add(step, logged)
-                bar.set_postfix(loss=f"{final_loss:.4f}", refresh=False)
+                run.final_loss = means["total"]
+                logger.add(step, {("lr" if k == "_lr" else f"loss/{k}"): v for k, v in means.items()})
+                bar.set_postfix(loss=f"{run.final_loss:.4f}", refresh=False)
             bar.update(1)
             if step % checkpoint_every == 0 and step < iters:
-                save_state(step)
-                saved_step = step
+                run.save_state(job)
                 logger.flush()
             if on_step is not None:
                 on_step(step, batch, terms)
-        bar.close()
-        extra = {
-            "stage": job.stage,
-            "method": job.method,
-            "seg_count": job.seg_count,
-            "mat_count": job.mat_count,
-            "cell": job.cell,
-            "step": step,
-            "run_id": logger.run_id,
-            "final_loss": final_loss,
-            "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()},
-            **{k: v for k, v in job.run_params.items() if isinstance(v, (str, int, float, bool))},
-        }
-        save_checkpoint(model_path, model, model.network_spec, extra)
-        logger.finish("FINISHED", artifact=model_path)
-        status = "FINISHED"
-        write_json(out_dir / RUN_NAME, {**run_info, "status": status, "step": step})
-        state_path.unlink(missing_ok=True)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
     finally:
         bar.close()
-        if status != "FINISHED":
-            try:
-                logger.finish(status, drop_after=saved_step)
-                write_json(out_dir / RUN_NAME, {**run_info, "status": status, "step": step})
-            except Exception:  # noqa: BLE001 - never mask the original error
-                pass
-    return {
-        "run_id": logger.run_id,
-        "model_path": model_path,
-        "start_step": start_step,
-        "step": step,
-        "resumed": start_step > 0,
-        "final_loss": final_loss,
+
+
+def _finish(job: TrainingJob, run: _Run) -> None:
+    """``model.pt`` with its provenance, the MLflow artifact and FINISHED, the state removed."""
+    extra = {
+        "stage": job.stage,
+        "method": job.method,
+        "seg_count": job.seg_count,
+        "mat_count": job.mat_count,
+        "cell": job.cell,
+        "step": run.step,
+        "run_id": run.logger.run_id,
+        "final_loss": run.final_loss,
+        "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in job.hyper.items()},
+        **{k: v for k, v in job.run_params.items() if isinstance(v, (str, int, float, bool))},
     }
-
-
+    save_checkpoint(run.model_path, run.model, run.model.network_spec, extra)
+    run.logger.finish("FINISHED", artifact=run.model_path)
+    run.write_run_json(job, "FINISHED")
+    run.state_path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- stage entry

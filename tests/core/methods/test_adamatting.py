@@ -18,14 +18,6 @@ from matting_core.methods.adamatting import (
 from . import build_tiny, make_batch, train_losses
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(n=2, h=20, w=16):
     torch.manual_seed(1)
     image = torch.rand(n, 3, h, w)

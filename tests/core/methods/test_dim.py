@@ -20,14 +20,6 @@ from matting_core.regions import eval_trimap
 from . import HEIGHT, WIDTH, build_tiny, disc_alpha, make_batch, train_losses
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_forward_shapes_ranges_and_odd_sizes():
     model = build_tiny("dim").eval()
     out = model(torch.rand(2, 3, 37, 29), torch.rand(2, 1, 37, 29))

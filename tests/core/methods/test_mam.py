@@ -27,14 +27,6 @@ from matting_core.models import build_network
 from . import build_tiny, disc_alpha, make_batch, train_losses
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _prompts(*prompts):
     return torch.from_numpy(np.stack(prompts))
 

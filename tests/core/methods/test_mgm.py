@@ -23,14 +23,6 @@ from matting_core.regions import uncertain_band_torch
 from . import build_tiny, disc_alpha, make_batch, train_losses
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _disc(h=64, w=48, cy=30.0, cx=24.0, r=15.0, soft=2.0) -> torch.Tensor:
     return torch.from_numpy(disc_alpha(h, w, cy, cx, r, soft))[None, None]
 

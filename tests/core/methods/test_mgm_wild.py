@@ -13,14 +13,6 @@ from matting_core.training import collate_views, make_views
 from . import build_tiny, disc_alpha, make_batch, smooth_colour, train_losses
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _instances(seed=0, h=48, w=64):
     rng = np.random.default_rng(seed)
     alpha_a = disc_alpha(h, w, 24, 22, 12, 4.0)  # front, overlapping B on its right

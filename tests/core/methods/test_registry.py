@@ -29,14 +29,6 @@ from . import NETWORK, build_tiny, disc_alpha, make_batch
 GUIDED = ["dim", "adamatting", "mgm", "mgm_wild", "mam"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_table_names_and_inputs():
     assert set(METHODS) == {"mlb", "dim", "adamatting", "mgm", "mgm_wild", "mam"}
     assert {n: m.required_input for n, m in METHODS.items()} == {
