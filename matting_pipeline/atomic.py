@@ -31,6 +31,18 @@ def bytes_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def code_digest(stage_file: str | Path) -> str:
+    """Hex sha256 of the code a stage's outputs depend on: ``stage_file`` and every ``*.py``
+    of ``matting_pipeline/`` and ``matting_core/`` (what dvc.yaml lists as the stage's code
+    deps), so a stage's own "up to date" check agrees with DVC's."""
+    root = Path(__file__).resolve().parents[1]
+    shared = sorted(p for pkg in ("matting_pipeline", "matting_core") for p in (root / pkg).rglob("*.py"))
+    h = hashlib.sha256()
+    for label, path in [(Path(stage_file).name, Path(stage_file))] + [(p.relative_to(root).as_posix(), p) for p in shared]:
+        h.update(label.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)

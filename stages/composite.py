@@ -49,10 +49,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import matting_core.compositing
 from matting_core.compositing import composite, composite_two_instances, fit_background, layer_two_instances
 from matting_pipeline import shards
 from matting_pipeline.config import CompositeConfig, load_params
+from matting_pipeline.atomic import code_digest
 from matting_pipeline.layout import Layout
 from matting_pipeline.shards import default_workers
 
@@ -62,7 +62,6 @@ TRAIN_SET = "train"
 VAL_SET = "val-composited"
 MIN_VISIBLE_FRACTION = 0.3
 _KIND_IDS = {"single": 0, "two": 1, "val": 2}
-_CODE_FILES = ("composite.py", "shards.py")
 
 
 class CompositeError(RuntimeError):
@@ -254,10 +253,7 @@ def fingerprint(matte_index: dict, background_index: dict, cfg: CompositeConfig,
     for index in (matte_index, background_index):
         h.update(json.dumps([s["sha256"] for s in index["shards"]] + index["order"]).encode())
     h.update(json.dumps(cfg.model_dump(), sort_keys=True).encode())
-    here = Path(__file__).parent
-    for name in _CODE_FILES:
-        h.update((here / name).read_bytes())
-    h.update(Path(matting_core.compositing.__file__).read_bytes())
+    h.update(code_digest(__file__).encode())
     return h.hexdigest()
 
 

@@ -20,7 +20,7 @@ model entry as in a cell file plus ``method``, ``cell``, budgets and ``guidance`
 
 Guidance: every checkpoint's spec says its method (:func:`matting_core.methods.method_of`).
 A related method gets its evaluation guidance from the GT of each validation sample
-(:func:`stages.method.evaluation_guidance`): DIM and AdaMatting the set's trimap when the
+(:func:`matting_pipeline.jobs.evaluation_guidance`): DIM and AdaMatting the set's trimap when the
 set ships trimaps, else ``regions.eval_trimap`` of the GT alpha with the fixed
 ``methods.eval_trimap_kernel``; MGM and MGM in the wild ``1[alpha >= 0.5]``
 (``eval_mask_threshold``); MAM the box around ``alpha >= 0.5`` grown by
@@ -148,7 +148,7 @@ def evaluate_model(
 ):
     """Mean metrics per set/region for one model; per-image CSVs and panels under out_dir.
 
-    ``guidance``: a related method's :class:`stages.method.EvaluationGuidance` (None for the
+    ``guidance``: a related method's :class:`matting_pipeline.jobs.EvaluationGuidance` (None for the
     main method); each set's summary then records the guidance it used (``guidance``).
     """
     from matting_core.inference import predict_alpha

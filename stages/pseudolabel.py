@@ -24,7 +24,7 @@ otherwise. The driver writes the results as a shard set (``matting_pipeline.shar
 the output lands in this workspace whatever the cluster.
 
 Ray: a local Ray (``pseudolabel.num_cpus`` CPUs, no dashboard, auth disabled) unless
-``RAY_ADDRESS`` names a cluster to join (the code in ``stages/`` and ``matting_core/`` is
+``RAY_ADDRESS`` names a cluster to join (the code in ``stages/``, ``matting_pipeline/`` and ``matting_core/`` is
 shipped to it; run the stage on a node of that cluster: shards are read on the driver's
 node, ``ray://`` client addresses are refused). An already-initialised Ray is reused.
 
@@ -75,12 +75,6 @@ LABEL_ROLES = ("teacher_alpha", "teacher_boundary", "blended")
 COPIED_ROLES = ("image", "mask")
 OUTPUT_COLUMNS = ("key", "meta", *COPIED_ROLES, *LABEL_ROLES)
 _REPO = Path(__file__).resolve().parents[1]
-_CODE_FILES = (
-    "stages/pseudolabel.py",
-    "matting_core/pseudolabel.py",
-    "matting_core/training.py",
-    "matting_core/blending.py",
-)
 _MAX_LISTED_KEYS = 20
 
 
@@ -121,7 +115,7 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
         matting_pipeline.shards.ShardError: the seg set is missing, inconsistent, too small or corrupt.
     """
     from matting_pipeline import shards
-    from matting_pipeline.atomic import file_sha256
+    from matting_pipeline.atomic import code_digest, file_sha256
     from matting_pipeline.jobs import mlb_only_message
     from matting_pipeline.layout import Layout, cell_name
 
@@ -161,7 +155,7 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
         shard_paths.append(str(path.resolve()))
     blend = params.train.student.blend
     teacher_sha256 = file_sha256(teacher_path)
-    code = {name: file_sha256(_REPO / name) for name in _CODE_FILES if (_REPO / name).is_file()}
+    code = code_digest(__file__)
     amp = bool(getattr(params.train, "amp", False))
     payload = {
         "teacher_sha256": teacher_sha256,
@@ -311,7 +305,7 @@ def connect_ray(cfg, quiet: bool = True) -> bool:
                 "shards and writes the labels on its own disk. Run the stage on a node of the cluster "
                 "(ssh to the head node, or `ray job submit`) with RAY_ADDRESS=auto or <head-ip>:6379"
             )
-        runtime_env = {"py_modules": [str(_REPO / "stages"), str(_REPO / "matting_core")]}
+        runtime_env = {"py_modules": [str(_REPO / pkg) for pkg in ("stages", "matting_pipeline", "matting_core")]}
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -32,13 +32,13 @@ import numpy as np
 
 from matting_pipeline import shards
 from matting_pipeline.config import ShardConfig, load_params
+from matting_pipeline.atomic import code_digest
 from matting_pipeline.layout import Layout
 from matting_pipeline.manifest import IngestError, load_entry, read_manifest, set_kind
 from matting_pipeline.shards import default_workers
 
 DESCRIPTION = __doc__
 
-_CODE_FILES = ("shard.py", "shards.py", "ingest.py", "imageio.py")
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,9 +81,7 @@ def fingerprint(entries: list[dict], cfg: ShardConfig) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(entries, sort_keys=True).encode("utf-8"))
     h.update(json.dumps(cfg.model_dump(), sort_keys=True).encode("utf-8"))
-    here = Path(__file__).parent
-    for name in _CODE_FILES:
-        h.update((here / name).read_bytes())
+    h.update(code_digest(__file__).encode())
     return h.hexdigest()
 
 

@@ -52,3 +52,18 @@ def test_jsonl_round_trip(tmp_path):
     rows = [{"set": "seg", "path": "ü b.png", "reason": "truncated"}, {"k": [1, 2]}]
     path = atomic.write_jsonl(tmp_path / "q.jsonl", rows)
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == rows
+
+
+def test_code_digest_covers_the_stage_and_the_shared_code(tmp_path):
+    """A stage's own up-to-date check hashes what dvc.yaml lists as its code deps."""
+    from pathlib import Path
+
+    repo = Path(atomic.__file__).resolve().parents[1]
+    stage = repo / "stages" / "shard.py"
+    base = atomic.code_digest(stage)
+    assert base == atomic.code_digest(stage) and len(base) == 64
+    assert atomic.code_digest(repo / "stages" / "composite.py") != base
+    copy = tmp_path / "shard.py"
+    copy.write_bytes(stage.read_bytes() + b"\n# edited\n")
+    # the same name, other content: another digest (the stage file is part of it)
+    assert atomic.code_digest(copy) != base
