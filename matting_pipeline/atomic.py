@@ -53,16 +53,8 @@ def _tmp_sibling(path: Path, suffix: str = "") -> Path:
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (fsync, then rename)."""
     path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as fh:
+        fh.write(data)
     return path
 
 
