@@ -21,10 +21,14 @@ Terms
 - ``boundary_bce``: BCE-with-logits between b' and the boundary label 1[0.05 < α < 0.95].
 - ``mse``:         mean (α_p − α_g)² (segmentation pre-training, mask as a 0/1 matte).
 
-Matte loss (project choice, after MGM): L_matte = l1 + composition + laplacian, weights 1.
-Teacher: L_t = L_matte(α', α) + λ·BCE(b', b), λ = 0.01 (confirmed). Student (MLB):
-L_s = L_matte(α'_s, M̃) + λ·BCE(b'_s, 1[0.05 < M̃ < 0.95]) with M̃ the blended label
-(treated as a constant target).
+Matte loss, one of :data:`MATTE_LOSSES` (a param per stage, ``train.<stage>.matte_loss``):
+``conventional`` = l1 + composition + laplacian, weights 1 (MGM's recipe; the composition
+term only where F and B exist); ``l1``; ``mse`` (the metric the study scores).
+Teacher: L_t = L_matte(α', α) + λ·BCE_w(b', b), λ = 0.01 confirmed by the paper. Student
+(MLB): L_s = L_matte(α'_s, M̃) + λ·BCE_w(b'_s, 1[0.05 < M̃ < 0.95]) with M̃ the blended label
+(treated as a constant target). BCE_w weighs the positive (boundary) class by ``pos_weight``
+(1 = plain BCE): boundary pixels are a few percent of a crop, so an unweighted BCE is
+nearly minimised by a constant "no boundary" guess.
 
 ``LOSSES`` maps names (``mse``, ``matte``, ``teacher``, ``student``) to the functions;
 ``get_loss(name)`` raises a ValueError listing them for an unknown name.
@@ -46,6 +50,7 @@ __all__ = [
     "BOUNDARY_LOW",
     "BOUNDARY_HIGH",
     "LOSSES",
+    "MATTE_LOSSES",
     "boundary_bce",
     "boundary_target",
     "composition_l1",
@@ -63,6 +68,7 @@ __all__ = [
 BOUNDARY_LOW = 0.05
 BOUNDARY_HIGH = 0.95
 LAPLACIAN_LEVELS = 5
+MATTE_LOSSES = ("conventional", "l1", "mse")
 _EPS = 1e-8
 
 Tensor = torch.Tensor
@@ -185,11 +191,23 @@ def laplacian_l1(
     return total
 
 
-def boundary_bce(boundary_logits: Tensor, boundary: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Weighted mean of BCE-with-logits(b', b); b' logits, b in [0, 1], both (N,1,H,W)."""
+def boundary_bce(
+    boundary_logits: Tensor, boundary: Tensor, weight: Tensor | None = None, pos_weight: float = 1.0
+) -> Tensor:
+    """Weighted mean of BCE-with-logits(b', b); b' logits, b in [0, 1], both (N,1,H,W).
+
+    ``pos_weight`` w₊ multiplies the positive term: ℓ = −w₊·b·log σ(b') − (1 − b)·log(1 − σ(b')).
+    """
     _check_map("boundary_logits", boundary_logits)
     _check_map("boundary", boundary, boundary_logits)
-    bce = F.binary_cross_entropy_with_logits(boundary_logits, boundary.to(boundary_logits.dtype), reduction="none")
+    if pos_weight <= 0:
+        raise ValueError(f"pos_weight must be > 0, got {pos_weight}")
+    bce = F.binary_cross_entropy_with_logits(
+        boundary_logits,
+        boundary.to(boundary_logits.dtype),
+        reduction="none",
+        pos_weight=None if pos_weight == 1.0 else boundary_logits.new_tensor(float(pos_weight)),
+    )
     return weighted_mean(bce, weight)
 
 
@@ -203,16 +221,26 @@ def matte_loss(
     fg: Tensor | None = None,
     bg: Tensor | None = None,
     weight: Tensor | None = None,
+    kind: str = "conventional",
 ) -> dict[str, Tensor]:
-    """L_matte = l1 + composition + laplacian (each weight 1; project choice after MGM).
+    """The matte term, ``kind`` one of :data:`MATTE_LOSSES`.
 
+    ``conventional``: l1 + composition + laplacian (each weight 1; MGM's recipe);
     ``composition`` is computed only when both ``fg`` and ``bg`` are given (image defaults
     to α_g·F + (1 − α_g)·B). Returns ``{"l1", ["composition",] "laplacian", "total"}``.
+    ``l1`` / ``mse``: that one term, ``{"l1" | "mse", "total"}`` (fg/bg/image unused).
     """
     pred_alpha = _alpha_of(pred_alpha)
-    terms: dict[str, Tensor] = {"l1": l1_loss(pred_alpha, gt_alpha, weight)}
+    if kind not in MATTE_LOSSES:
+        raise ValueError(f"unknown matte loss {kind!r}; valid: {', '.join(MATTE_LOSSES)}")
     if (fg is None) != (bg is None):
         raise ValueError("composition loss needs both fg and bg (or neither)")
+    if kind == "mse":
+        return mse_loss(pred_alpha, gt_alpha, weight)
+    terms: dict[str, Tensor] = {"l1": l1_loss(pred_alpha, gt_alpha, weight)}
+    if kind == "l1":
+        terms["total"] = terms["l1"]
+        return terms
     if fg is not None and bg is not None:
         if image is None:
             image = gt_alpha * fg + (1.0 - gt_alpha) * bg
@@ -231,17 +259,20 @@ def teacher_loss(
     fg: Tensor | None = None,
     bg: Tensor | None = None,
     weight: Tensor | None = None,
+    matte: str = "conventional",
+    pos_weight: float = 1.0,
 ) -> dict[str, Tensor]:
-    """L_t = L_matte(α', α) + λ·BCE(b', b). ``pred``: the network's output dict.
+    """L_t = L_matte(α', α) + λ·BCE_w(b', b). ``pred``: the network's output dict.
 
-    ``gt_boundary`` defaults to 1[0.05 < α < 0.95] of ``gt_alpha``. Returns the matte terms
-    plus ``matte`` (their sum), ``boundary_bce`` and ``total``.
+    ``gt_boundary`` defaults to 1[0.05 < α < 0.95] of ``gt_alpha``; ``matte`` picks the matte
+    term (:func:`matte_loss` ``kind``), ``pos_weight`` the BCE's positive-class weight.
+    Returns the matte terms plus ``matte`` (their sum), ``boundary_bce`` and ``total``.
     """
     if gt_boundary is None:
         gt_boundary = boundary_target(gt_alpha)
-    terms = matte_loss(pred["alpha"], gt_alpha, image=image, fg=fg, bg=bg, weight=weight)
+    terms = matte_loss(pred["alpha"], gt_alpha, image=image, fg=fg, bg=bg, weight=weight, kind=matte)
     terms["matte"] = terms.pop("total")
-    terms["boundary_bce"] = boundary_bce(pred["boundary_logits"], gt_boundary, weight)
+    terms["boundary_bce"] = boundary_bce(pred["boundary_logits"], gt_boundary, weight, pos_weight)
     terms["total"] = terms["matte"] + lambda_boundary * terms["boundary_bce"]
     return terms
 
@@ -251,14 +282,20 @@ def student_loss(
     blended_label: Tensor,
     lambda_boundary: float = 0.01,
     weight: Tensor | None = None,
+    matte: str = "conventional",
+    pos_weight: float = 1.0,
 ) -> dict[str, Tensor]:
-    """MLB student: L_matte(α'_s, M̃) + λ·BCE(b'_s, 1[0.05 < M̃ < 0.95]).
+    """MLB student: L_matte(α'_s, M̃) + λ·BCE_w(b'_s, 1[0.05 < M̃ < 0.95]).
 
     ``blended_label`` M̃ (N,1,H,W) in [0, 1] is detached (a fixed target). No composition
-    term: natural photos have no F/B. Returns l1, laplacian, matte, boundary_bce, total.
+    term: natural photos have no F/B. Returns the matte terms, matte, boundary_bce, total.
+    The S-only control student calls it with M̃ = S.
     """
     blended_label = blended_label.detach()
-    return teacher_loss(pred, blended_label, boundary_target(blended_label), lambda_boundary, weight=weight)
+    return teacher_loss(
+        pred, blended_label, boundary_target(blended_label), lambda_boundary, weight=weight,
+        matte=matte, pos_weight=pos_weight,
+    )
 
 
 def mse_loss(

@@ -238,3 +238,40 @@ def test_a_few_steps_on_one_batch_reduce_the_teacher_loss():
         losses.append(terms["total"].item())
     assert losses[-1] < 0.9 * losses[0], losses
     assert min(losses[1:]) < losses[0]
+
+
+def test_matte_loss_kinds():
+    assert set(matte_loss(PRED, GT, kind="mse")) == {"mse", "total"}
+    assert matte_loss(PRED, GT, kind="mse")["total"].item() == pytest.approx(0.125)
+    l1 = matte_loss(PRED, GT, kind="l1")
+    assert set(l1) == {"l1", "total"} and l1["total"].item() == pytest.approx(0.25)
+    assert set(matte_loss(PRED, GT)) == {"l1", "laplacian", "total"}  # conventional, no F/B
+    with pytest.raises(ValueError, match="valid: conventional, l1, mse"):
+        matte_loss(PRED, GT, kind="huber")
+
+
+def test_teacher_and_student_loss_take_the_matte_kind():
+    pred = {"alpha": PRED, "boundary_logits": torch.zeros_like(PRED)}
+    terms = teacher_loss(pred, GT, lambda_boundary=0.1, matte="mse")
+    assert terms["matte"].item() == pytest.approx(0.125) and "laplacian" not in terms
+    torch.testing.assert_close(terms["total"], terms["matte"] + 0.1 * terms["boundary_bce"])
+    student = student_loss(pred, GT, 0.1, matte="l1")
+    assert student["matte"].item() == pytest.approx(0.25)
+
+
+def test_boundary_bce_positive_weight():
+    logits = torch.tensor([[[[0.3, -1.2], [2.0, 0.0]]]])
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    pos = -F.logsigmoid(logits) * target
+    neg = -F.logsigmoid(-logits) * (1 - target)
+    expected = (5.0 * pos + neg).mean()
+    assert boundary_bce(logits, target, pos_weight=5.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert boundary_bce(logits, target, pos_weight=1.0).item() == pytest.approx((pos + neg).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="pos_weight"):
+        boundary_bce(logits, target, pos_weight=0.0)
+    # the weight reaches the teacher loss: more weight, larger loss on a missed boundary
+    pred = {"alpha": PRED, "boundary_logits": torch.full_like(PRED, -3.0)}
+    band = _map([[0.0, 0.5], [0.5, 0.25]])
+    light = teacher_loss(pred, band, pos_weight=1.0)["boundary_bce"]
+    heavy = teacher_loss(pred, band, pos_weight=5.0)["boundary_bce"]
+    assert heavy.item() > 3 * light.item()

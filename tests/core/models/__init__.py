@@ -1,0 +1,1 @@
+"""Tests of matting_core.models submodules."""
