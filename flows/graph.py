@@ -48,13 +48,15 @@ class StageNode:
     group: str  # its dvc.yaml stage name, e.g. "teacher"
     cell: Cell | None  # (seg, mat) grid cell, None for stages outside the grid
     parents: tuple[str, ...]
+    seed: int | None = None  # study seed of a per-seed stage instance
 
     @property
     def label(self) -> str:
-        """Task run name: ``teacher seg60-mat8``, ``ingest``."""
+        """Task run name: ``teacher seg60-mat8 seed0``, ``method@dim-0``, ``ingest``."""
         if self.cell is None:
             return self.name
-        return f"{self.group} {cell_name(*self.cell)}"
+        seed = "" if self.seed is None else f" seed{self.seed}"
+        return f"{self.group} {cell_name(*self.cell)}{seed}"
 
 
 # --------------------------------------------------------------------------- graph
@@ -77,6 +79,12 @@ def _cell_of(item: dict[str, Any] | None) -> Cell | None:
         return None
     # Items of a `${...}`-interpolated matrix are DVC context nodes; `.value` is the plain value.
     return tuple(int(getattr(item.get(axis, 0), "value", item.get(axis, 0))) for axis in ("seg", "mat"))
+
+
+def _seed_of(item: dict[str, Any] | None) -> int | None:
+    if not item or "seed" not in item:
+        return None
+    return int(getattr(item["seed"], "value", item["seed"]))
 
 
 def load_pipeline(root: str | Path) -> dict[str, StageNode]:
@@ -107,6 +115,7 @@ def load_pipeline(root: str | Path) -> dict[str, StageNode]:
                 group=stage.name.partition("@")[0],
                 cell=_cell_of(_matrix_item(stage)),
                 parents=tuple(parents),
+                seed=_seed_of(_matrix_item(stage)),
             )
     return {name: nodes[name] for name in _topological(nodes)}
 

@@ -6,12 +6,15 @@ neither has any stage logic. Run once from a shell::
 
     python -m flows.study                                   # the grid of params.yaml
     python -m flows.study --seg 60 --mat 8 --max-concurrency 1
+    python -m flows.study --profile cpu                     # params-cpu.yaml: 3 seeds, intervals
     python -m flows.study --profile paper                   # params-paper.yaml
 
 against ``PREFECT_API_URL`` when it is set, else a temporary local Prefect server.
 ``python -m flows.serve`` serves both flows as deployments (see there).
 
-Profiles: ``demo`` reads ``params.yaml``; ``paper`` reads ``params-paper.yaml``. The DVC
+Profiles: ``demo`` reads ``params.yaml``; ``cpu`` reads ``params-cpu.yaml`` (the study on a
+2-core CPU, 3 seeds, <= 90 min); ``gpu-check`` reads ``params-gpu-check.yaml`` (<= 8 min on
+one GPU); ``paper`` reads ``params-paper.yaml``. The DVC
 stages always read ``params.yaml``, so a profile whose file differs from it is made the
 active one first: its file is copied over ``params.yaml`` (refused when ``params.yaml``
 has uncommitted edits; ``git checkout params.yaml`` returns to the committed one). DVC then
@@ -45,10 +48,11 @@ from matting_pipeline import atomic
 from matting_pipeline.config import ConfigError, Params, StudyConfig, load_params
 from matting_pipeline.layout import cell_name
 
-PROFILES = {"demo": "params.yaml", "paper": "params-paper.yaml"}
+PROFILES = {"demo": "params.yaml", "cpu": "params-cpu.yaml", "gpu-check": "params-gpu-check.yaml",
+            "paper": "params-paper.yaml"}
 ACTIVE_PARAMS = "params.yaml"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-Profile = Literal["demo", "paper"]
+Profile = Literal["demo", "cpu", "gpu-check", "paper"]
 
 
 class StudySetupError(ValueError):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["cutout_over", "fit_cover", "predict_alpha", "resize_short_side"]
+__all__ = ["cutout_over", "fit_cover", "predict_alpha", "predict_outputs", "resize_short_side"]
 
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
@@ -60,6 +60,17 @@ def predict_alpha(
     Returns:
         ``(H, W)`` float32 alpha in [0, 1], the input's size.
     """
+    return predict_outputs(model, image, short_side, device)["alpha"]
+
+
+def predict_outputs(
+    model: nn.Module,
+    image: np.ndarray,
+    short_side: int | None = 512,
+    device: torch.device | str | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`predict_alpha`, plus ``beta`` = sigmoid(boundary logits) ``(H, W)`` float32 in
+    [0, 1] when the network has a boundary head (the MLB networks), same resizing."""
     height, width = image.shape[:2]
     net_input = image if short_side is None else resize_short_side(image, int(short_side))
     x = _as_float_rgb(net_input)
@@ -70,12 +81,17 @@ def predict_alpha(
     model.eval()
     try:
         with torch.inference_mode():
-            alpha = model(tensor)["alpha"][0, 0].float().cpu().numpy()
+            out = model(tensor)
+            maps = {"alpha": out["alpha"][0, 0].float().cpu().numpy()}
+            if "boundary_logits" in out:
+                maps["beta"] = torch.sigmoid(out["boundary_logits"][0, 0].float()).cpu().numpy()
     finally:
         model.train(was_training)
-    if alpha.shape != (height, width):
-        alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
-    return np.clip(alpha, 0.0, 1.0).astype(np.float32)
+    for name, value in maps.items():
+        if value.shape != (height, width):
+            value = cv2.resize(value, (width, height), interpolation=cv2.INTER_LINEAR)
+        maps[name] = np.clip(value, 0.0, 1.0).astype(np.float32)
+    return maps
 
 
 def fit_cover(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:

@@ -50,6 +50,7 @@ from matting_core._validate import (
 )
 
 __all__ = [
+    "beta_stats",
     "BOUNDARY_HIGH",
     "BOUNDARY_LOW",
     "NORM_CONST",
@@ -316,3 +317,26 @@ def evaluate_alpha(
         }
         for name, region in regions.items()
     }
+
+
+def beta_stats(beta: np.ndarray, gt: np.ndarray) -> dict[str, float | None]:
+    """Where the boundary head fires: mean β over GT regions of one image.
+
+    ``band`` = ``0.05 < α < 0.95`` (the boundary label), ``fg`` = ``α ≥ 0.95``, ``bg`` =
+    ``α ≤ 0.05``, ``outside`` = fg ∪ bg; with ``*_pixels`` counts so set means can be pixel
+    weighted. A region without pixels gives None. MLB wants β high in the band and low
+    outside it (the blend then takes the teacher only at the boundary).
+    """
+    b, g = _check_alpha_pair(beta, gt)
+    regions = {
+        "band": (g > BOUNDARY_LOW) & (g < BOUNDARY_HIGH),
+        "fg": g >= BOUNDARY_HIGH,
+        "bg": g <= BOUNDARY_LOW,
+    }
+    regions["outside"] = ~regions["band"]
+    out: dict[str, float | None] = {}
+    for name, mask in regions.items():
+        n = int(mask.sum())
+        out[name] = float(b[mask].mean()) if n else None
+        out[f"{name}_pixels"] = n
+    return out

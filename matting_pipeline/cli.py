@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "teacher": ("stages.teacher", "train the teacher on composited matte data (step 2)"),
     "pseudolabel": ("stages.pseudolabel", "label the seg subset with the teacher and blend (MLB) on Ray Data"),
     "student": ("stages.student", "train the MLB student on blended labels (step 3)"),
+    "control": ("stages.control", "train the S-only control student (the student's recipe on the label S)"),
     "method": ("stages.method", "train a related method (DIM, AdaMatting, MGM, MGM-wild, MAM) at the comparison cell"),
     "evaluate": ("stages.evaluate", "evaluate one grid cell (or a compared method) on every validation set"),
     "report": ("stages.report", "tables, heatmaps, findings F1-F3 and an offline HTML report"),
@@ -120,14 +121,33 @@ def add_training_arguments(parser: argparse.ArgumentParser, mat_required: bool =
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--params``, ``--data-root``, ``--models-root`` and ``--device`` (every training stage)."""
+    """``--params``, ``--data-root``, ``--models-root``, ``--seed`` and ``--device`` (every training stage)."""
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--data-root", default="data", help="data folder (default: data)")
     parser.add_argument("--models-root", default="models", help="models folder (default: models)")
+    add_seed_argument(parser)
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default=None,
         help="override train.device (auto = CUDA when available)",
     )
+
+
+def add_seed_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="study seed k, one of study.seeds (default: 0): outputs under models/seed<k>/ (metrics/, eval/ "
+        "alike) and a training step's seed is train.<step>.seed + k",
+    )
+
+
+def stage_layout(args: argparse.Namespace, **roots):
+    """The :class:`~matting_pipeline.layout.Layout` of ``args.seed`` from ``--data-root`` /
+    ``--models-root`` (and any other roots given)."""
+    from matting_pipeline.layout import Layout
+
+    if args.seed < 0:
+        raise StageError(f"--seed must be >= 0, got {args.seed}")
+    return Layout(data=args.data_root, models=args.models_root, **roots).for_seed(args.seed)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,11 @@ class CompositeConfig(_Section):
 
 class ModelConfig(_Section):
     network: str = Field("unet_r18x0.5", description="name in matting_core.models.NETWORKS")
+    backbone_weights: str | None = Field(
+        None,
+        description="a torchvision/timm ImageNet ResNet checkpoint (state dict) loaded into the backbone of "
+        "every network trained from scratch; you supply the file, nothing is downloaded",
+    )
 
 
 class StepConfig(_Section):
@@ -128,8 +133,30 @@ class StepConfig(_Section):
     seed: int = 0
 
 
-class TeacherConfig(StepConfig):
+MatteLoss = Literal["conventional", "l1", "mse"]
+
+
+class MatteStepConfig(StepConfig):
+    """A step that trains the matte and boundary heads (teacher, student, control)."""
+
+    matte_loss: MatteLoss = Field(
+        "conventional", description="conventional (L1 + composition + Laplacian, MGM) | l1 | mse"
+    )
     lambda_boundary: float = Field(0.01, ge=0, description="λ of BCE(b', b); paper found 0.1/0.01/0.001 within 1%")
+    boundary_pos_weight: float = Field(
+        1.0, gt=0, description="weight of the boundary (positive) class in the BCE; 1 = plain BCE"
+    )
+    boundary_head_lr: float = Field(
+        1.0, gt=0, description="lr multiplier of the boundary head's parameters"
+    )
+
+
+class TeacherConfig(MatteStepConfig):
+    single_person: bool = Field(
+        False,
+        description="MLB teachers train on one-person composites only (the paper's teacher data); "
+        "the two-instance composites stay for MGM in the wild",
+    )
 
 
 class BlendConfig(_Section):
@@ -137,8 +164,7 @@ class BlendConfig(_Section):
     dilate: int = Field(0, ge=0, description="dilation of the hard β, px (hard mode only)")
 
 
-class StudentConfig(StepConfig):
-    lambda_boundary: float = Field(0.01, ge=0)
+class StudentConfig(MatteStepConfig):
     label_mode: Literal["offline", "ema"] = "offline"
     ema_momentum: float = Field(0.999, gt=0, lt=1, description="project choice m for online EMA mode")
     blend: BlendConfig = BlendConfig()
@@ -202,6 +228,18 @@ class StudyConfig(_Section):
     experiment: str = "matting-label-efficiency"
     seg: list[int] = Field(default_factory=lambda: [60, 240])
     mat: list[int] = Field(default_factory=lambda: [8, 32])
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        description="study seeds: every training and evaluation stage runs once per seed (models/seed<k>/...)",
+    )
+    bootstrap: int = Field(2000, ge=100, description="bootstrap replicates of the report's 95 % intervals")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or any(x < 0 for x in v) or sorted(set(v)) != v:
+            raise ValueError("seeds must be non-negative, unique, ascending and not empty")
+        return v
 
     @field_validator("seg", "mat")
     @classmethod

@@ -66,31 +66,104 @@ def budget_keys(set_dir: str | Path, count: int) -> list[str]:
         raise StageError(str(err)) from None
 
 
-def matte_subset_composites(reader, matte_keys: list[str]) -> list[str]:
-    """Keys of composites (``reader``) all of whose ``meta["fg_keys"]`` lie in ``matte_keys``."""
+def matte_subset_composites(reader, matte_keys: list[str], single_person: bool = False) -> list[str]:
+    """Keys of composites (``reader``) all of whose ``meta["fg_keys"]`` lie in ``matte_keys``;
+    with ``single_person`` only those made from one foreground (no second instance)."""
     allowed = set(matte_keys)
     selected = []
     for key in reader.keys:
         fg_keys = reader.meta(key).get("fg_keys")
         if not isinstance(fg_keys, list) or not fg_keys:
             raise StageError(f"{reader.set_dir}: composite {key!r} has no meta['fg_keys']; rebuild the composite set")
+        if single_person and len(fg_keys) > 1:
+            continue
         if all(k in allowed for k in fg_keys):
             selected.append(key)
     return selected
 
 
-def matte_composites(layout: Layout, mat_count: int) -> ShardReader:
-    """A reader over the training composites made only from the first ``mat_count`` matte foregrounds."""
+def matte_composites(layout: Layout, mat_count: int, single_person: bool = False) -> ShardReader:
+    """A reader over the training composites made only from the first ``mat_count`` matte
+    foregrounds (one-person composites only with ``single_person``)."""
     matte_keys = budget_keys(layout.shard_set("matte"), mat_count)
     composite_dir = layout.composite_set("train")
     all_composites = ShardReader(composite_dir)
-    keys = matte_subset_composites(all_composites, matte_keys)
+    keys = matte_subset_composites(all_composites, matte_keys, single_person)
     if not keys:
+        kind = "one-person composite" if single_person else "composite"
         raise StageError(
-            f"{composite_dir}: no composite is made from the first {mat_count} matte foregrounds; "
+            f"{composite_dir}: no {kind} is made from the first {mat_count} matte foregrounds; "
             "rebuild the composite set (`matting composite`) or raise the budget"
         )
     return all_composites.restrict(keys)
+
+
+def init_backbone(model, params) -> dict:
+    """Load ``model.backbone_weights`` (an ImageNet ResNet state dict) into ``model``'s backbone
+    when set; print what was and was not loaded. Returns fingerprint entries (the file's sha256)."""
+    from matting_core.models.pretrained import load_backbone_weights
+
+    path = params.model.backbone_weights
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise StageError(
+            f"model.backbone_weights: {path} does not exist; point it at a torchvision/timm ResNet "
+            "state dict you downloaded yourself, or set it to null"
+        )
+    try:
+        report = load_backbone_weights(model, path)
+    except ValueError as err:
+        raise StageError(f"model.backbone_weights: {err}") from None
+    print(f"backbone weights: {report.summary()}", flush=True)
+    return {"backbone_sha256": file_sha256(path)}
+
+
+def student_objective(cfg, label_key: str):
+    """The MLB student's loss on ``batch[label_key]`` (the blended label M̃; the S-only
+    control passes the mask S): ``train.student``'s matte loss, λ and BCE positive weight."""
+    from matting_core.losses import student_loss
+
+    lambda_boundary = float(cfg.lambda_boundary)
+
+    def objective(pred, batch):
+        return student_loss(
+            pred, batch[label_key], lambda_boundary, matte=cfg.matte_loss, pos_weight=cfg.boundary_pos_weight
+        )
+
+    return objective
+
+
+def student_init(layout: Layout, seg_count: int, model, params) -> tuple[str, dict]:
+    """Start ``model`` from the seg-pretrained network when the architecture matches
+    (project choice; else from scratch, with ``model.backbone_weights`` when set). Returns
+    ``(init_from, fingerprint entries)``."""
+    pretrained, pre_path = load_pretrained(layout, seg_count)
+    if pretrained.network_spec != model.network_spec:
+        return "scratch", init_backbone(model, params)
+    model.load_state_dict(pretrained.state_dict())
+    return str(pre_path), {"init_sha256": file_sha256(pre_path)}
+
+
+def boundary_head_groups(model, lr: float, multiplier: float) -> Callable[[], list[dict]] | None:
+    """Optimiser parameter groups with the boundary head at ``lr × multiplier`` (None when 1).
+
+    The boundary head is one 3×3 conv on the decoder's last features; with a small λ its
+    gradient is tiny next to the matte term's, so a larger step lets it learn within a short
+    run without scaling λ (which would also scale the BCE's pull on the shared decoder).
+    """
+    if multiplier == 1.0:
+        return None
+    head = getattr(model, "boundary_head", None)
+    if head is None:
+        raise StageError(f"{type(model).__name__} has no boundary_head: set boundary_head_lr to 1")
+
+    def groups() -> list[dict]:
+        head_ids = {id(p) for p in head.parameters()}
+        rest = [p for p in model.parameters() if id(p) not in head_ids]
+        return [{"params": rest}, {"params": list(head.parameters()), "lr": float(lr) * float(multiplier)}]
+
+    return groups
 
 
 def load_pretrained(layout: Layout, seg_count: int, network_spec: Mapping[str, Any] | None = None):
@@ -390,10 +463,14 @@ def build_method_job(
     )
 
 
-def method_hyper(step_cfg, iters: int | None) -> dict[str, Any]:
-    """``train.teacher``'s hyper-parameters for a method (its MLB-only ``lambda_boundary`` left out)."""
+MLB_ONLY_KEYS = ("matte_loss", "lambda_boundary", "boundary_pos_weight", "boundary_head_lr", "single_person")
+
+
+def method_hyper(step_cfg, iters: int | None, study_seed: int = 0) -> dict[str, Any]:
+    """``train.teacher``'s hyper-parameters for a method (its MLB-only keys left out)."""
     from matting_pipeline.trainer import step_hyper
 
-    hyper = step_hyper(step_cfg, iters)
-    hyper.pop("lambda_boundary", None)
+    hyper = step_hyper(step_cfg, iters, study_seed)
+    for key in MLB_ONLY_KEYS:
+        hyper.pop(key, None)
     return hyper

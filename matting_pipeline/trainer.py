@@ -177,10 +177,12 @@ class TrainingJob:
 
     @property
     def run_name(self) -> str:
-        """``<stage>[-<method>]-<network>-seg<S>[-mat<M>]-seed<k>`` (the method only when not mlb)."""
-        budget = f"seg{self.seg_count}" if self.stage == "pretrain" else f"seg{self.seg_count}-mat{self.mat_count}"
+        """``<stage>[-<method>]-<network>-seg<S>[-mat<M>]-seed<k>`` (the method only when not
+        mlb; k the study seed)."""
+        per_row = self.stage in ("pretrain", "control")
+        budget = f"seg{self.seg_count}" if per_row else f"seg{self.seg_count}-mat{self.mat_count}"
         method = "" if self.method == "mlb" else f"-{self.method}"
-        return f"{self.stage}{method}-{self.network}-{budget}-seed{self.hyper['seed']}"
+        return f"{self.stage}{method}-{self.network}-{budget}-seed{self.hyper.get('study_seed', self.hyper['seed'])}"
 
     def fingerprint(self) -> str:
         """Hash of what a resumable state must agree on (not checkpoint/log cadence)."""
@@ -545,9 +547,12 @@ def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: s
     return run_stage(stage, body)
 
 
-def step_hyper(step_cfg, iters: int | None) -> dict[str, Any]:
-    """The step's hyper-parameters as a plain dict, with the ``--iters`` override applied."""
+def step_hyper(step_cfg, iters: int | None, study_seed: int = 0) -> dict[str, Any]:
+    """The step's hyper-parameters as a plain dict, with the ``--iters`` override applied and
+    the study seed added to the step's ``seed`` (``study_seed`` kept beside it)."""
     hyper = step_cfg.model_dump(mode="python")
+    hyper["seed"] = int(hyper["seed"]) + int(study_seed)
+    hyper["study_seed"] = int(study_seed)
     if iters is not None:
         if iters < 1:
             raise StageError(f"--iters must be >= 1, got {iters}")

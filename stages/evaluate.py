@@ -2,21 +2,26 @@
 
 The cell's *primary* model is its result: the pre-trained model for a seg-only cell
 (S, 0), the teacher for a mat-only cell (0, M), the MLB student otherwise (whose
-fine-tuned teacher is evaluated too, so the report can check finding F3). With
-params.yaml's ``method`` set to a related method, a both-cell has no student: its primary
-is the teacher (that method).
+fine-tuned teacher, and the row's S-only control student, are evaluated too, so the report
+can check findings F2 and F3 at equal training steps). With params.yaml's ``method`` set to
+a related method, a both-cell has no student: its primary is the teacher (that method).
 
-Writes ``metrics/seg<S>-mat<M>.json`` (the contract the report reads, see
-``docs/FORMATS.md``) and ``eval/seg<S>-mat<M>/`` (per-image CSV tables and a few
-prediction panels).
+Writes ``metrics/seed<k>/seg<S>-mat<M>.json`` (the contract the report reads, see
+``docs/FORMATS.md``) and ``eval/seed<k>/seg<S>-mat<M>/`` (per-image CSV tables and a few
+prediction panels: image | GT | prediction | error [| β map]). Per set and model the file
+holds the means, the per-image MSE (``per_image``: keys, whole and boundary, so the report
+can bootstrap over images and seeds) and, for networks with a boundary head, ``beta``: the
+mean β = sigmoid(b') in the GT boundary band, in the foreground, in the background and
+outside the band (pixel-weighted over the set).
 
-    python -m stages.evaluate --seg 240 --mat 32          # a grid cell
+    python -m stages.evaluate --seg 240 --mat 32 --seed 0 # a grid cell, study seed 0
     python -m stages.evaluate --method dim                # a compared method (methods.cell)
 
-``--method NAME`` evaluates ``models/methods/<name>/seg<S>-mat<M>/model.pt`` (the
-``method@<name>`` stage) the same way and writes ``metrics/methods/<name>.json`` (one
+``--method NAME`` evaluates ``models/seed<k>/methods/<name>/seg<S>-mat<M>/model.pt`` (the
+``method@<name>`` stage) the same way and writes ``metrics/seed<k>/methods/<name>.json`` (one
 model entry as in a cell file plus ``method``, ``cell``, budgets and ``guidance``) and
-``eval/methods/<name>/``; its metrics go to the method's own MLflow training run.
+``eval/seed<k>/methods/<name>/``; its metrics go to the method's own MLflow training run.
+MLflow: a cell's metrics go to its parent run at step k (the seed).
 
 Guidance: every checkpoint's spec says its method (:func:`matting_core.methods.method_of`).
 A related method gets its evaluation guidance from the GT of each validation sample
@@ -61,6 +66,7 @@ def cell_models(
     return "student", {
         "student": layout.model_path("student", seg_count, mat_count),
         "teacher": layout.model_path("teacher", seg_count, mat_count),
+        "control": layout.model_path("control", seg_count),
     }
 
 
@@ -126,12 +132,28 @@ def measure_fps(model, size: int, iters: int, device) -> float:
     return iters / (time.perf_counter() - start)
 
 
-def _panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """image | ground truth | prediction | |error|, as one uint8 RGB strip."""
+def _panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, beta: np.ndarray | None = None) -> np.ndarray:
+    """image | ground truth | prediction | |error| [| β map], as one uint8 RGB strip."""
     def gray(a):
         return np.repeat((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=2)
 
-    return np.concatenate([image, gray(gt), gray(pred), gray(np.abs(pred - gt))], axis=1)
+    tiles = [image, gray(gt), gray(pred), gray(np.abs(pred - gt))]
+    if beta is not None:
+        tiles.append(gray(beta))
+    return np.concatenate(tiles, axis=1)
+
+
+BETA_REGIONS = ("band", "fg", "bg", "outside")
+
+
+def _beta_summary(per_image: list[dict]) -> dict:
+    """Pixel-weighted mean β per region over a set's images (None where no pixel)."""
+    out: dict = {}
+    for region in BETA_REGIONS:
+        n = sum(s[f"{region}_pixels"] for s in per_image)
+        total = sum(s[region] * s[f"{region}_pixels"] for s in per_image if s[region] is not None)
+        out[region] = float(total / n) if n else None
+    return out
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -143,17 +165,32 @@ def _png(array: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _label_scores(labels: dict[str, list], name: str, pred: np.ndarray, gt: np.ndarray) -> None:
+    from matting_core.metrics import evaluate_alpha
+
+    scores = evaluate_alpha(pred, gt)
+    entry = labels.setdefault(name, {"whole_mse": [], "boundary_mse": []})
+    entry["whole_mse"].append(scores["whole"]["mse"])
+    entry["boundary_mse"].append(scores["boundary"]["mse"])
+
+
 def evaluate_model(
-    model, valsets: dict[str, Path], short_side: int, device, keep: int, out_dir: Path, role: str, guidance=None
+    model, valsets: dict[str, Path], short_side: int, device, keep: int, out_dir: Path, role: str, guidance=None,
+    blend=None,
 ):
     """Mean metrics per set/region for one model; per-image CSVs and panels under out_dir.
 
     ``guidance``: a related method's :class:`matting_pipeline.jobs.EvaluationGuidance` (None for the
     main method); each set's summary then records the guidance it used (``guidance``).
+    On a set with coarse masks (``mask``), the summary's ``labels`` score the training labels
+    themselves against the GT: ``mask`` (S used as a prediction) and, with ``blend`` (the
+    MLB teacher's ``train.student.blend``), ``blended`` (M̃ = β·α' + (1 − β)·S from this
+    model's outputs): the error a model trained on them is measured against.
     """
-    from matting_core.inference import predict_alpha
+    from matting_core.blending import blend_labels
+    from matting_core.inference import predict_outputs
     from matting_core.methods import predict_image
-    from matting_core.metrics import evaluate_alpha
+    from matting_core.metrics import beta_stats, evaluate_alpha
     from matting_pipeline.shards import iter_samples
 
     try:
@@ -165,11 +202,23 @@ def evaluate_model(
     results: dict[str, dict] = {}
     for set_name, set_dir in valsets.items():
         rows = []
+        betas: list[dict] = []
+        labels: dict[str, dict] = {}
         sources: dict[str, int] = {}
         for i, sample in enumerate(tqdm(list(iter_samples(set_dir)), desc=f"{role}/{set_name}", unit="img")):
             image, gt = sample["image"], sample["alpha"]
+            beta = None
             if guidance is None:
-                pred = predict_alpha(model, image, short_side=short_side, device=device)
+                outputs = predict_outputs(model, image, short_side=short_side, device=device)
+                pred, beta = outputs["alpha"], outputs.get("beta")
+                if beta is not None:
+                    betas.append(beta_stats(beta, gt))
+                if "mask" in sample:
+                    mask = np.asarray(sample["mask"], dtype=np.float32)
+                    _label_scores(labels, "mask", mask, gt)
+                    if blend is not None and beta is not None:
+                        blended = blend_labels(pred, beta, mask, blend.mode, blend.dilate)
+                        _label_scores(labels, "blended", blended, gt)
             else:
                 user_guidance, source = guidance(sample)
                 sources[source] = sources.get(source, 0) + 1
@@ -182,7 +231,7 @@ def evaluate_model(
             rows.append(row)
             if i < keep:
                 atomic.write_bytes(out_dir / "predictions" / role / set_name / f"{sample['key']}.png",
-                                   _png(_panel(image, gt, pred)))
+                                   _png(_panel(image, gt, pred, beta)))
         if not rows:
             raise ValueError(f"validation set {set_name!r} at {set_dir} has no samples")
         columns = list(rows[0])
@@ -195,6 +244,19 @@ def evaluate_model(
         for region in REGIONS:
             if f"{region}/mse" in columns:
                 summary[region] = {m: float(np.mean([r[f"{region}/{m}"] for r in rows])) for m in METRICS}
+        summary["per_image"] = {
+            "key": [r["key"] for r in rows],
+            "whole_mse": [r["whole/mse"] for r in rows],
+            "boundary_mse": [r["boundary/mse"] for r in rows],
+        }
+        if betas:
+            summary["beta"] = _beta_summary(betas)
+        if labels:
+            summary["labels"] = {
+                name: {"whole": {"mse": float(np.mean(v["whole_mse"]))},
+                       "boundary": {"mse": float(np.mean(v["boundary_mse"]))}, "per_image": v}
+                for name, v in labels.items()
+            }
         if sources:
             summary["guidance"] = "; ".join(sources if len(sources) == 1 else (f"{k} ({n})" for k, n in sources.items()))
         results[set_name] = summary
@@ -215,7 +277,7 @@ def evaluate_cell(params, seg_count: int, mat_count: int, layout: Layout, device
     valsets = _validation_sets_or_fail(layout)
     device = _device(device_name)
     out_dir = layout.cell_eval_dir(seg_count, mat_count)
-    result = {"cell": cell, "seg_count": seg_count, "mat_count": mat_count,
+    result = {"cell": cell, "seg_count": seg_count, "mat_count": mat_count, "seed": layout.seed or 0,
               "kind": cell_kind(seg_count, mat_count), "primary": primary, "models": {}}
     for role, path in checkpoints.items():
         model, info = load_model(path, map_location=device)
@@ -251,7 +313,8 @@ def evaluate_checkpoint(params, model, info: dict, path: Path, valsets: dict[str
     method = method_of(model)
     model.eval().to(device)
     guidance = evaluation_guidance(params, method.name)
-    sets = evaluate_model(model, valsets, cfg.short_side, device, cfg.save_predictions, out_dir, role, guidance)
+    blend = params.train.student.blend if role == "teacher" and method.name == "mlb" else None
+    sets = evaluate_model(model, valsets, cfg.short_side, device, cfg.save_predictions, out_dir, role, guidance, blend)
     entry = {
         "checkpoint": str(path),
         "network": str(info["network_spec"]["name"]),
@@ -303,6 +366,7 @@ def evaluate_method(params, name: str, layout: Layout, device_name: str = "auto"
         "cell": cell,
         "seg_count": seg_count,
         "mat_count": mat_count,
+        "seed": layout.seed or 0,
         "guidance": {s: v.get("guidance", "") for s, v in entry["sets"].items()},
         "guidance_rule": guidance.describe("gt") if guidance is not None else "none",
         "run_id": info["extra"].get("run_id"),
@@ -332,14 +396,18 @@ def log_to_mlflow(params, result: dict, eval_dir: Path) -> str:
             for region in REGIONS:
                 for metric, value in summary.get(region, {}).items():
                     metrics[f"{prefix}{set_name}/{region}/{metric}"] = value
+            for region, value in summary.get("beta", {}).items():
+                if value is not None:
+                    metrics[f"{prefix}{set_name}/beta/{region}"] = value
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    seed = int(result.get("seed", 0))
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, seed) for k, v in metrics.items()])
     client.set_tag(run_id, "kind", result["kind"])
     client.set_tag(run_id, "primary_model", result["primary"])
     if eval_dir.is_dir():
-        client.log_artifacts(run_id, str(eval_dir), artifact_path="evaluation")
+        client.log_artifacts(run_id, str(eval_dir), artifact_path=f"evaluation/seed{seed}")
     return run_id
 
 
@@ -373,6 +441,8 @@ def log_method_to_mlflow(params, result: dict, eval_dir: Path) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from matting_pipeline.cli import add_seed_argument
+
     parser.add_argument("--seg", type=int, default=None,
                         help="segmentation budget S of the cell (required without --method)")
     parser.add_argument("--mat", type=int, default=None, help="matte budget M of the cell (required without --method)")
@@ -383,6 +453,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-root", default="models", type=Path)
     parser.add_argument("--metrics-dir", default="metrics", type=Path)
     parser.add_argument("--eval-root", default="eval", type=Path, help="per-image tables and panels")
+    add_seed_argument(parser)
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                         help="default: train.device from params")
     parser.add_argument("--no-mlflow", action="store_true", help="skip logging to MLflow")
@@ -414,7 +485,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _layout(args: argparse.Namespace) -> Layout:
-    return Layout(data=args.data_root, models=args.models_root, metrics=args.metrics_dir, eval=args.eval_root)
+    from matting_pipeline.cli import stage_layout
+
+    return stage_layout(args, metrics=args.metrics_dir, eval=args.eval_root)
 
 
 def _run_method(args: argparse.Namespace, params) -> int:

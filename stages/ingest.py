@@ -12,7 +12,9 @@ set            params key                   folder layout
 ``matte``      ``data.matte_dir``           ``fg/`` + ``alpha/`` (same stems), and/or ``rgba/``
 ``background`` ``data.background_dir``      any images, recursive
 ``seg``        ``data.seg_dir``             ``image/`` + ``mask/`` (same stems)
-``val-<n>``    ``data.val.<n>``             ``image/`` + ``alpha/`` (+ ``trimap/``)
+``val-<n>``    ``data.val.<n>``             ``image/`` + ``alpha/`` (+ ``trimap/``, + ``mask/``: coarse
+                                            segmentation labels; the report then shows each model's
+                                            error next to its training label's own error)
 =============  ===========================  ==========================================
 
 A *stem* is the path below the role folder without its last suffix, Unicode-NFC
@@ -45,7 +47,7 @@ DESCRIPTION = __doc__
 # set kind -> (primary role, required partner roles, optional partner roles)
 PAIR_LAYOUTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "seg": ("image", ("mask",), ()),
-    "val": ("image", ("alpha",), ("trimap",)),
+    "val": ("image", ("alpha",), ("trimap", "mask")),
     "matte": ("fg", ("alpha",), ()),
 }
 # role -> folder name inside the set directory
@@ -296,6 +298,7 @@ def _synth_job(job: tuple[str, int, int, int, str]) -> dict[str, bytes]:
     return {
         f"val/{SYNTHETIC_VAL_NAME}/image/{name}.png": encode_png(image),
         f"val/{SYNTHETIC_VAL_NAME}/alpha/{name}.png": encode_png(_alpha_png_array(alpha)),
+        f"val/{SYNTHETIC_VAL_NAME}/mask/{name}.png": encode_png(coarse.astype(np.uint8) * 255),
     }
 
 
@@ -310,7 +313,7 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: Path, workers: int = 1, pr
     """Write the embedded dataset into ``out_dir`` in the user folder layouts.
 
     ``matte/fg`` + ``matte/alpha`` (``fg-000000.png``), ``backgrounds/``, ``seg/image`` +
-    ``seg/mask`` (0/255), ``val/natural/image`` + ``val/natural/alpha``. Alphas are 8-bit
+    ``seg/mask`` (0/255), ``val/natural/image`` + ``val/natural/alpha`` + ``val/natural/mask``. Alphas are 8-bit
     PNG when the generator's alpha is exactly representable in 8 bits (it quantises to
     1/255), else 16-bit. Built atomically; skipped (returns False) when ``out_dir`` already
     holds the same config and generator version (``synthetic.json``).

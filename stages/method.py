@@ -67,20 +67,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_job(args: argparse.Namespace, params, device=None):
     """The comparison job of ``--method`` at ``methods.cell`` (or ``--seg``/``--mat``)."""
+    from matting_pipeline.cli import stage_layout
     from matting_pipeline.jobs import build_method_job, method_hyper
-    from matting_pipeline.layout import Layout
 
     cell_seg, cell_mat = params.comparison_cell()
     seg_count = cell_seg if args.seg is None else int(args.seg)
     mat_count = cell_mat if args.mat is None else int(args.mat)
-    hyper = method_hyper(params.train.teacher, params.methods.iters if args.iters is None else args.iters)
+    hyper = method_hyper(params.train.teacher, params.methods.iters if args.iters is None else args.iters, args.seed)
     return build_method_job(
         stage="method",
         name=args.method,
         seg_count=seg_count,
         mat_count=mat_count,
         params=params,
-        layout=(layout := Layout(data=args.data_root, models=args.models_root)),
+        layout=(layout := stage_layout(args)),
         out_dir=layout.method_dir(args.method, seg_count, mat_count),
         hyper=hyper,
     )

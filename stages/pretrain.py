@@ -25,9 +25,9 @@ def build_job(args: argparse.Namespace, params, device=None):
 
     from matting_core.losses import mse_loss
     from matting_core.models import build_network
-    from matting_pipeline.cli import StageError
-    from matting_pipeline.jobs import budget_keys
-    from matting_pipeline.layout import Layout, cell_name
+    from matting_pipeline.cli import StageError, stage_layout
+    from matting_pipeline.jobs import budget_keys, init_backbone
+    from matting_pipeline.layout import cell_name
     from matting_pipeline.shards import ShardReader
     from matting_pipeline.trainer import TrainingJob, step_hyper
     from matting_pipeline.views import ViewDataset
@@ -39,13 +39,14 @@ def build_job(args: argparse.Namespace, params, device=None):
             "(a mat-only cell trains its teacher from scratch: `matting teacher --seg 0 --mat M`)"
         )
     cfg = params.train.pretrain
-    hyper = step_hyper(cfg, args.iters)
-    layout = Layout(data=args.data_root, models=args.models_root)
+    hyper = step_hyper(cfg, args.iters, args.seed)
+    layout = stage_layout(args)
     seg_dir = layout.shard_set("seg")
     reader = ShardReader(seg_dir, budget_keys(seg_dir, seg_count))
     dataset = ViewDataset(reader, ["mask"], cfg.crop, cfg.scale_range, hyper["seed"], strong=False)
     torch.manual_seed(hyper["seed"])
     model = build_network(params.model.network)
+    fingerprint_extra = init_backbone(model, params)
 
     def objective(pred, batch):
         return mse_loss(pred, batch["mask"])
@@ -61,7 +62,12 @@ def build_job(args: argparse.Namespace, params, device=None):
         objective=objective,
         hyper=hyper,
         experiment=params.study.experiment,
-        run_params={"init_from": "scratch", "loss": "mse", "data": str(seg_dir)},
+        run_params={
+            "init_from": params.model.backbone_weights or "scratch",
+            "loss": "mse",
+            "data": str(seg_dir),
+        },
+        fingerprint_extra=fingerprint_extra,
         num_workers=params.train.num_workers,
         amp=params.train.amp,
     )

@@ -107,7 +107,9 @@ class Plan:
     provenance: dict = field(default_factory=dict)
 
 
-def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, models_root: str | Path) -> Plan:
+def make_plan(
+    params, seg_count: int, mat_count: int, data_root: str | Path, models_root: str | Path, seed: int = 0
+) -> Plan:
     """Resolve the cell's inputs; verify the seg shards that hold the subset (sha256).
 
     Raises:
@@ -129,7 +131,7 @@ def make_plan(params, seg_count: int, mat_count: int, data_root: str | Path, mod
             "pseudolabel stage"
         )
     cell = cell_name(seg_count, mat_count)
-    layout = Layout(data=data_root, models=models_root)
+    layout = Layout(data=data_root, models=models_root).for_seed(seed)
     seg_dir = layout.shard_set("seg")
     index = shards.read_index(seg_dir)
     keys = shards.subset_keys(seg_dir, seg_count)
@@ -658,11 +660,14 @@ def pseudolabel(plan: Plan, cfg, progress: bool = True) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from matting_pipeline.cli import add_seed_argument
+
     parser.add_argument("--seg", type=int, required=True, help="segmentation label budget S (subset size)")
     parser.add_argument("--mat", type=int, required=True, help="matte label budget M (selects the teacher)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--data-root", default="data", help="data folder (default: data)")
     parser.add_argument("--models-root", default="models", help="models folder (default: models)")
+    add_seed_argument(parser)
     parser.add_argument("--force", action="store_true", help="relabel even when the output is up to date")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or per-shard lines")
 
@@ -673,7 +678,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         params = load_params(args.params)
-        plan = make_plan(params, args.seg, args.mat, args.data_root, args.models_root)
+        plan = make_plan(params, args.seg, args.mat, args.data_root, args.models_root, args.seed)
         if not args.force and is_up_to_date(plan):
             print(f"pseudolabel {plan.cell}: {plan.out_dir} is up to date ({len(plan.keys)} samples; --force relabels)")
             return 0

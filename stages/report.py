@@ -45,6 +45,7 @@ from urllib.parse import quote
 import yaml
 
 from matting_core import report as core
+from matting_core.findings import NOT_TESTABLE, check_findings, finding_headline, mean_record, regime
 from matting_pipeline import atomic
 from matting_pipeline.config import ConfigError, Params, load_params
 from matting_pipeline.layout import Layout
@@ -75,39 +76,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class LoadedCells:
-    cells: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
-    paths: dict[tuple[int, int], Path] = field(default_factory=dict)
+    cells: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)  # seed means
+    records: dict[tuple[int, int], list[dict[str, Any]]] = field(default_factory=dict)  # per seed
+    paths: dict[tuple[int, int], list[Path]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # cell names with no usable file
     warnings: list[str] = field(default_factory=list)
 
 
-def load_cells(metrics_dir: Path, grid: Sequence[tuple[int, int]]) -> LoadedCells:
-    """Read ``<metrics_dir>/<cell>.json`` for each grid cell; absent or bad files become warnings."""
+def _read_cell(path: Path, s: int, m: int) -> dict[str, Any]:
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(record, dict) or not isinstance(record.get("models"), dict):
+        raise ValueError("no 'models' mapping")
+    if (int(record.get("seg_count", s)), int(record.get("mat_count", m))) != (s, m):
+        raise ValueError(f"it says seg_count={record.get('seg_count')}, mat_count={record.get('mat_count')}")
+    return record
+
+
+def load_cells(metrics_dir: Path, grid: Sequence[tuple[int, int]], seeds: Sequence[int] = (0,)) -> LoadedCells:
+    """Read ``<metrics_dir>/seed<k>/<cell>.json`` for each grid cell and seed; the cell's
+    table values are the seed means; absent or bad files become warnings."""
     out = LoadedCells()
+    root = Layout(metrics=metrics_dir)
     for s, m in grid:
         name = core.cell_name(s, m)
-        path = Layout(metrics=metrics_dir).cell_metrics(s, m)
-        if not path.is_file():
+        for seed in seeds:
+            path = root.for_seed(seed).cell_metrics(s, m)
+            if not path.is_file():
+                out.warnings.append(f"missing cell {name} seed {seed}: {path} not found")
+                continue
+            try:
+                record = _read_cell(path, s, m)
+            except (OSError, ValueError, TypeError) as err:
+                out.warnings.append(f"unreadable cell {name} seed {seed}: {path}: {err}")
+                continue
+            record.setdefault("seed", seed)
+            out.records.setdefault((s, m), []).append(record)
+            out.paths.setdefault((s, m), []).append(path)
+        if (s, m) in out.records:
+            out.cells[(s, m)] = mean_record(out.records[(s, m)])
+        else:
             out.missing.append(name)
-            out.warnings.append(f"missing cell {name}: {path} not found")
-            continue
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(record, dict) or not isinstance(record.get("models"), dict):
-                raise ValueError("no 'models' mapping")
-            if (int(record.get("seg_count", s)), int(record.get("mat_count", m))) != (s, m):
-                raise ValueError(f"it says seg_count={record.get('seg_count')}, mat_count={record.get('mat_count')}")
-        except (OSError, ValueError, TypeError) as err:
-            out.missing.append(name)
-            out.warnings.append(f"unreadable cell {name}: {path}: {err}")
-            continue
-        out.cells[(s, m)] = record
-        out.paths[(s, m)] = path
     expected = {f"{core.cell_name(s, m)}.json" for s, m in grid}
-    if metrics_dir.is_dir():
-        extra = sorted(p.name for p in metrics_dir.glob("seg*-mat*.json") if p.name not in expected)
-        if extra:
-            out.warnings.append("ignored metrics files outside this grid: " + ", ".join(extra))
+    for seed in seeds:
+        folder = root.for_seed(seed).metrics_dir
+        if folder.is_dir():
+            extra = sorted(p.name for p in folder.glob("seg*-mat*.json") if p.name not in expected)
+            if extra:
+                out.warnings.append(f"ignored metrics files outside this grid in {folder}: " + ", ".join(extra))
     return out
 
 
@@ -117,39 +132,49 @@ class LoadedMethods:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_methods(methods_dir: Path, compare: Sequence[str], cell: tuple[int, int]) -> LoadedMethods:
-    """Read ``<methods_dir>/<name>.json`` of each compared method at ``cell`` (see module doc)."""
+def _read_method(path: Path, name: str, cell: tuple[int, int]) -> dict[str, Any]:
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(record, dict) or not isinstance(record.get("sets"), dict):
+        raise ValueError("no 'sets' mapping")
+    if record.get("method") != name:
+        raise ValueError(f"it is for method {record.get('method')!r}")
+    at = (int(record.get("seg_count", -1)), int(record.get("mat_count", -1)))
+    if at != tuple(cell):
+        raise ValueError(f"it is for cell {core.cell_name(*at)}, methods.cell is {core.cell_name(*cell)}")
+    return record
+
+
+def load_methods(
+    metrics_dir: Path, compare: Sequence[str], cell: tuple[int, int], seeds: Sequence[int] = (0,)
+) -> LoadedMethods:
+    """Read ``<metrics_dir>/seed<k>/methods/<name>.json`` of each compared method at ``cell``
+    for every seed; a method's entry is its seed mean (see module doc)."""
     out = LoadedMethods()
     if not compare:
         return out
     found: dict[str, Any] = {}
+    root = Layout(metrics=metrics_dir)
     for name in compare:
-        path = methods_dir / f"{name}.json"
-        if not path.is_file():
-            found[name] = None
-            out.warnings.append(f"missing method {name}: {path} not found")
-            continue
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(record, dict) or not isinstance(record.get("sets"), dict):
-                raise ValueError("no 'sets' mapping")
-            if record.get("method") != name:
-                raise ValueError(f"it is for method {record.get('method')!r}")
-            at = (int(record.get("seg_count", -1)), int(record.get("mat_count", -1)))
-            if at != tuple(cell):
-                raise ValueError(f"it is for cell {core.cell_name(*at)}, methods.cell is {core.cell_name(*cell)}")
-        except (OSError, ValueError, TypeError) as err:
-            found[name] = None
-            out.warnings.append(f"unreadable method {name}: {path}: {err}")
-            continue
-        found[name] = record
+        records = []
+        for seed in seeds:
+            path = root.for_seed(seed).method_metrics(name)
+            if not path.is_file():
+                out.warnings.append(f"missing method {name} seed {seed}: {path} not found")
+                continue
+            try:
+                records.append(_read_method(path, name, cell))
+            except (OSError, ValueError, TypeError) as err:
+                out.warnings.append(f"unreadable method {name} seed {seed}: {path}: {err}")
+        found[name] = mean_record(records) if records else None
     if all(v is None for v in found.values()) and not any(w.startswith("unreadable") for w in out.warnings):
         return LoadedMethods()  # the comparison has not been run: no section, no warnings
     out.entries[tuple(cell)] = found
-    if methods_dir.is_dir():
-        extra = sorted(p.name for p in methods_dir.glob("*.json") if p.stem not in compare)
-        if extra:
-            out.warnings.append("ignored method metrics not in methods.compare: " + ", ".join(extra))
+    for seed in seeds:
+        methods_dir = root.for_seed(seed).method_metrics_dir
+        if methods_dir.is_dir():
+            extra = sorted(p.name for p in methods_dir.glob("*.json") if p.stem not in compare)
+            if extra:
+                out.warnings.append(f"ignored method metrics not in methods.compare in {methods_dir}: " + ", ".join(extra))
     return out
 
 
@@ -238,49 +263,58 @@ def render_heatmap(grid: core.Grid, path: Path) -> None:
 # --------------------------------------------------------------------------- markdown
 
 
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{x:+.0%}"
+
+
+def _ci(c: Mapping[str, Any]) -> str:
+    ci = c.get("ci95")
+    return "" if not ci else f"[{ci[0]:+.0%}, {ci[1]:+.0%}]"
+
+
+def _who(ref: Mapping[str, Any]) -> str:
+    steps = ref.get("steps")
+    return f"{ref['cell']} {ref.get('model') or ''}" + (f" ({steps} steps)" if steps is not None else "")
+
+
+def _comparison_rows(f: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """(label, candidate, MSE, baseline, MSE, change, 95 % CI, verdict) per comparison."""
+    rows = []
+    for c in f["comparisons"]:
+        a, b = c["candidate"], c["baseline"]
+        label = f"{c['label']}, {c['region']}" if f["id"] == "F3" else c["label"]
+        rows.append((label, _who(a), _fmt_ref(a), _who(b), _fmt_ref(b), _pct(c.get("delta")), _ci(c),
+                     c["verdict"] if c["verdict"] != NOT_TESTABLE else f"not testable: {c.get('problem', '')}"))
+    return rows
+
+
+COMPARISON_HEAD = ("comparison", "candidate (steps)", "MSE x1e3", "baseline (steps)", "MSE x1e3",
+                   "change", "95 % CI", "verdict")
+
+
 def findings_markdown(findings: Sequence[Mapping[str, Any]]) -> str:
     lines = ["# Findings F1-F3 on this run", "",
-             "Checked on this run's numbers (METHOD.md §1). MSE is shown x1e3; lower is better.", ""]
+             "Checked on this run's numbers (METHOD.md §1). MSE is shown x1e3 (seed means); lower is better. "
+             "change = mean(candidate)/mean(baseline) - 1 with a 95 % paired bootstrap interval over images "
+             "and seeds; held / not held when the interval lies below / above 0, else inconclusive.", ""]
     for f in findings:
-        lines += [f"## {f['id']}: **{f['status']}**", "", f"_{f['claim']}_", "", f"Rule: {f['rule']}.", ""]
+        lines += [f"## {f['id']}: **{f['verdict']}**", "", f"_{f['claim']}_", "", f"Rule: {f['rule']}.", ""]
+        if f.get("delta") is not None:
+            lines += [f"Least favourable comparison ({f['decided_by']}): change {_pct(f['delta'])}, "
+                      f"95 % CI {_ci(f)}.", ""]
         if f.get("reason"):
             lines += [f"Not testable: {f['reason']}.", ""]
         if f.get("note"):
             lines += [f"Note: {f['note']}.", ""]
-        if f["id"] == "F3":
-            lines += ["| cell | student whole | seg-only teacher whole | fine-tuned teacher whole "
-                      "| student boundary | seg-only teacher boundary | fine-tuned teacher boundary | holds |",
-                      "|---|---:|---:|---:|---:|---:|---:|:---:|"]
-            for c in f["comparisons"]:
-                w_seg, w_ft, b_seg, b_ft = c["comparisons"]
-                vals = [w_seg["candidate"], w_seg["baseline"], w_ft["baseline"],
-                        b_seg["candidate"], b_seg["baseline"], b_ft["baseline"]]
-                lines.append(f"| {c['cell']} | " + " | ".join(_fmt_ref(v) for v in vals) + f" | {_mark(c['holds'])} |")
-            lines += ["", f"{f['held_count']} of {f['tested']} testable both-cells hold.", ""]
-        else:
-            budget = "mat budget" if f["id"] == "F1" else "seg budget"
-            lines += [f"| {budget} | cell (model) | MSE x1e3 | baseline (model) | MSE x1e3 | better by | holds |",
-                      "|---|---|---:|---|---:|---:|:---:|"]
-            for c in f["comparisons"]:
-                a, b = c["candidate"], c["baseline"]
-                lines.append(f"| {c['label']} | {a['cell']} ({a['model']}) | {_fmt_ref(a)} | {b['cell']} ({b['model']}) "
-                             f"| {_fmt_ref(b)} | {_fmt_rel(c)} | {_mark(c['holds'])} |")
-            lines.append("")
+        lines += ["| " + " | ".join(COMPARISON_HEAD) + " |", "|---|---|---:|---|---:|---:|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in _comparison_rows(f)]
+        lines.append("")
     return "\n".join(lines)
 
 
 def _fmt_ref(ref: Mapping[str, Any]) -> str:
     v = ref.get("mse_x1e3")
     return core.MISSING if v is None else core.format_value(v)
-
-
-def _fmt_rel(comp: Mapping[str, Any]) -> str:
-    rel = comp.get("relative_improvement")
-    return "" if rel is None else f"{rel:.0%}"
-
-
-def _mark(holds: bool | None) -> str:
-    return {True: "yes", False: "no", None: "n/a"}[holds]
 
 
 # --------------------------------------------------------------------------- HTML
@@ -359,64 +393,97 @@ def _grid_table(grid: core.Grid) -> str:
     return f'<div class="scroll"><table>{head}{"".join(body)}</table></div>'
 
 
-def _ref_td(ref: Mapping[str, Any]) -> str:
-    return f'<td class="{"empty" if ref.get("mse") is None else ""}">{_e(_fmt_ref(ref))}</td>'
-
-
-def _student_td(*comps: Mapping[str, Any]) -> str:
-    """The student's value, green when it beats both baselines, red when it does not."""
-    holds = [c["holds"] for c in comps]
-    cls = "empty" if None in holds else ("yes" if all(holds) else "no")
-    return f'<td class="{cls}">{_e(_fmt_ref(comps[0]["candidate"]))}</td>'
-
-
 def _finding_html(f: Mapping[str, Any]) -> str:
-    status = f["status"]
+    status = f["verdict"]
+    summary = "" if f.get("delta") is None else f"least favourable: {_pct(f['delta'])} {_ci(f)}"
     parts = [f'<div class="card finding" id="{_e(f["id"])}">',
              f'<h3>{_e(f["id"])} <span class="pill {status.replace(" ", "-")}">{_e(status)}</span>'
-             f'<span class="sum">{_e(f.get("summary", ""))}</span></h3>',
+             f'<span class="sum">{_e(summary)}</span></h3>',
              '<div class="cols"><div>',
              f'<p class="claim">{_e(f["claim"])}</p>',
              f'<p class="rule">Rule: {_md_code(f["rule"])}.</p>']
+    if f.get("decided_by"):
+        parts.append(f'<p class="note">Decided by {_e(f["decided_by"])}.</p>')
     if f.get("reason"):
         parts.append(f'<p class="note">Not testable: {_md_code(f["reason"])}.</p>')
     if f.get("note"):
         parts.append(f'<p class="note">{_e(f["note"])}.</p>')
     parts.append("</div><div>")
-    if f["id"] == "F3":
-        head = ('<tr><th class="l" rowspan="2">cell</th><th colspan="3">whole MSE ×1e3</th>'
-                '<th colspan="3">boundary MSE ×1e3</th><th rowspan="2">holds</th></tr>'
-                '<tr><th>student</th><th>seg-only</th><th>fine-tuned</th>'
-                '<th>student</th><th>seg-only</th><th>fine-tuned</th></tr>')
-        rows = []
-        for c in f["comparisons"]:
-            w_seg, w_ft, b_seg, b_ft = c["comparisons"]
-            tds = (
-                _student_td(w_seg, w_ft) + _ref_td(w_seg["baseline"]) + _ref_td(w_ft["baseline"])
-                + _student_td(b_seg, b_ft) + _ref_td(b_seg["baseline"]) + _ref_td(b_ft["baseline"])
-            )
-            mark = _mark(c["holds"])
-            rows.append(f'<tr><td class="l">{_e(c["cell"])}</td>{tds}<td class="{mark}">{mark}</td></tr>')
-        parts.append(f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>')
-        parts.append(f'<p class="note">{f["held_count"]} of {f["tested"]} testable both-cells hold. '
-                     "Seg-only teacher = the pre-trained model of (S, 0); fine-tuned teacher = the cell's own teacher.</p>")
-    else:
-        label = "mat budget" if f["id"] == "F1" else "seg budget"
-        head = (f'<tr><th class="l">{label}</th><th class="l">cell</th><th>MSE ×1e3</th>'
-                f'<th class="l">baseline</th><th>MSE ×1e3</th><th>better by</th><th>holds</th></tr>')
-        rows = []
-        for c in f["comparisons"]:
-            a, b = c["candidate"], c["baseline"]
-            mark = _mark(c["holds"])
-            rows.append(
-                f'<tr><td class="l">{_e(c["label"])}</td><td class="l">{_e(a["cell"])} <span class="note">'
-                f'{_e(a["model"] or "")}</span></td><td>{_e(_fmt_ref(a))}</td><td class="l">{_e(b["cell"])} '
-                f'<span class="note">{_e(b["model"] or "")}</span></td><td>{_e(_fmt_ref(b))}</td>'
-                f'<td>{_e(_fmt_rel(c))}</td><td class="{mark}">{mark}</td></tr>'
-            )
-        parts.append(f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>')
+    head = "<tr>" + "".join(f'<th class="{"l" if i in (0, 1, 3, 7) else ""}">{_e(h)}</th>'
+                            for i, h in enumerate(COMPARISON_HEAD)) + "</tr>"
+    rows = []
+    for row in _comparison_rows(f):
+        verdict = row[-1]
+        cls = {"held": "yes", "not held": "no"}.get(verdict, "empty")
+        tds = "".join(f'<td class="{"l" if i in (0, 1, 3) else ""}">{_e(v)}</td>' for i, v in enumerate(row[:-1]))
+        rows.append(f'<tr>{tds}<td class="l {cls}">{_e(verdict)}</td></tr>')
+    parts.append(f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>')
     parts.append("</div></div></div>")
     return "".join(parts)
+
+
+def regime_rows(regime_block: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """(cell, model vs its label whole/boundary, blended label vs S, teacher beta band/outside
+    composited, natural) per cell; numbers as text."""
+    def ratio(entry: Mapping[str, Any] | None, model_key: str, label_key: str) -> str:
+        if not entry:
+            return "n/a"
+        parts = []
+        for region in ("whole", "boundary"):
+            r = entry[region]
+            parts.append(f"{r[model_key]:.1f} / {r[label_key]:.1f} = {r['ratio']:.2f}" if r["ratio"] is not None
+                         else "n/a")
+        return "; ".join(parts)
+
+    def beta(b: Mapping[str, Any] | None) -> str:
+        if not b or b.get("band") is None:
+            return "n/a"
+        return f"{b['band']:.2f} / {b.get('outside', float('nan')):.2f}"
+
+    rows = []
+    for kind in ("seg_only", "mat_only", "both"):
+        for cell, entry in (regime_block.get(kind) or {}).get("cells", {}).items():
+            betas = entry.get("beta") or {}
+            rows.append((
+                cell, kind.replace("_", "-"),
+                ratio(entry.get("model_vs_label"), "model_mse_x1e3", "label_mse_x1e3"),
+                ratio(entry.get("blended_vs_mask"), "blended_mse_x1e3", "mask_mse_x1e3") if kind == "both" else "",
+                beta(betas.get("composited")) if kind != "seg_only" else "",
+                beta(betas.get("natural")) if kind != "seg_only" else "",
+            ))
+    return rows
+
+
+REGIME_HEAD = ("cell", "kind", "model vs its label, MSE x1e3 whole; boundary (ratio)",
+               "blended label M̃ vs S (what the teacher adds)", "teacher β band / outside, composited",
+               "β band / outside, natural")
+
+
+def _regime_html(regime_block: Mapping[str, Any], params: Params, natural: str) -> str:
+    train = params.train
+    steps = (f"pre-train {train.pretrain.iters}, teacher {train.teacher.iters}, student and S-only control "
+             f"{train.student.iters} steps (batch {train.student.batch_size}, {train.student.crop} px crops)")
+    rows = regime_rows(regime_block)
+    out = ['<section id="regime"><h2>Training regime</h2>',
+           f'<p class="note">Is this run in a regime where the study can answer its question? {_e(steps)}. '
+           f"A model's error on <code>{_e(natural)}</code> next to the error of the label it was trained on "
+           "(a seg-only model learns S; an MLB student learns the blended M̃): a ratio well above 1 means the model "
+           "has not yet learnt what its labels hold (under-training). The teacher's β = sigmoid(b′) should be high "
+           "in the GT boundary band and low outside it, else M̃ mixes the teacher in everywhere. Labels are scored "
+           "only on sets that ship coarse masks.</p>"]
+    if not rows:
+        out.append('<p class="note">No regime figures (no cell files).</p></section>')
+        return "".join(out)
+    head = "<tr>" + "".join(f'<th class="l">{_e(h)}</th>' for h in REGIME_HEAD) + "</tr>"
+    body = "".join("<tr>" + "".join(f'<td class="l">{_e(v)}</td>' for v in row) + "</tr>" for row in rows)
+    out.append(f'<div class="scroll"><table>{head}{body}</table></div></section>')
+    return "".join(out)
+
+
+def regime_markdown(regime_block: Mapping[str, Any]) -> str:
+    lines = ["# Training regime", "", "| " + " | ".join(REGIME_HEAD) + " |", "|" + "---|" * len(REGIME_HEAD)]
+    lines += ["| " + " | ".join(row) + " |" for row in regime_rows(regime_block)]
+    return "\n".join(lines) + "\n"
 
 
 def _md_code(text: str) -> str:
@@ -505,10 +572,11 @@ def render_html(
     natural: str,
     methods: Sequence[Mapping[str, Any]],
     generated: str,
+    regime_block: Mapping[str, Any] | None = None,
 ) -> str:
     study = params.study
     n_cells = len(grid_cells)
-    nav = ['<a href="#findings">Findings</a>'] + [
+    nav = ['<a href="#findings">Findings</a>', '<a href="#regime">Training regime</a>'] + [
         f'<a href="#set-{_e(_safe(sec.valset))}">{_e(sec.valset)}</a>' for sec in sections
     ]
     if methods:
@@ -535,6 +603,7 @@ def render_html(
     out.append(f'<p class="note">The paper\'s findings (METHOD.md §1), checked on the <code>{_e(natural)}</code> set. '
                "MSE ×1e3, lower is better.</p>")
     out.append("".join(_finding_html(f) for f in findings) + "</section>")
+    out.append(_regime_html(regime_block or {}, params, natural))
 
     for sec in sections:
         sid = _safe(sec.valset)
@@ -618,11 +687,12 @@ def build_report(
     metrics_dir, out = Path(metrics_dir), Path(out)
     study = params.study
     grid_cells = study.cells()
-    loaded = load_cells(metrics_dir, grid_cells)
+    loaded = load_cells(metrics_dir, grid_cells, study.seeds)
     if not loaded.cells:
+        example = Layout(metrics=metrics_dir).for_seed(study.seeds[0]).cell_metrics(*grid_cells[0])
         raise FileNotFoundError(
             f"no metrics file for any of the {len(grid_cells)} cells in {metrics_dir}/ "
-            f"(expected e.g. {metrics_dir}/{core.cell_name(*grid_cells[0])}.json); run the evaluate stage first"
+            f"(expected e.g. {example}); run the evaluate stage first"
         )
     sets = core.discover_sets(loaded.cells, preferred=(natural, "composited"))
     for (s, m), cell in sorted(loaded.cells.items()):
@@ -630,8 +700,9 @@ def build_report(
         lacking = [v for v in sets if v not in (model.get("sets") or {})]
         if lacking:
             loaded.warnings.append(f"cell {core.cell_name(s, m)} has no {', '.join(lacking)} results (shown as n/a)")
-    findings = core.check_findings(loaded.cells, study.seg, study.mat, natural)
-    compared = load_methods(Layout(metrics=metrics_dir).method_metrics_dir, params.methods.compare, params.comparison_cell())
+    findings = check_findings(loaded.records, study.seg, study.mat, natural, params, study.bootstrap)
+    regime_block = regime(loaded.records, natural)
+    compared = load_methods(metrics_dir, params.methods.compare, params.comparison_cell(), study.seeds)
     loaded.warnings.extend(compared.warnings)
     methods = core.method_rows(loaded.cells, natural, compared.entries)
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -660,18 +731,26 @@ def build_report(
         findings_doc = {
             "set": natural,
             "grid": {"seg": [0, *study.seg], "mat": [0, *study.mat]},
+            "seeds": list(study.seeds),
+            "interval": f"95 % paired bootstrap over images and seeds, {study.bootstrap} replicates",
+            "steps": {"pretrain": params.train.pretrain.iters, "teacher": params.train.teacher.iters,
+                      "student": params.train.student.iters, "control": params.train.student.iters},
             "cells_found": len(loaded.cells),
             "cells_expected": len(grid_cells),
             "missing": loaded.missing,
+            **{f["id"]: {k: f.get(k) for k in ("verdict", "delta", "ci95", "decided_by")} for f in findings},
             "findings": findings,
+            "regime": regime_block,
         }
         (tmp / "findings.json").write_text(json.dumps(findings_doc, indent=2) + "\n", encoding="utf-8")
-        (tmp / "findings.md").write_text(findings_markdown(findings), encoding="utf-8")
+        (tmp / "findings.md").write_text(findings_markdown(findings) + "\n" + regime_markdown(regime_block),
+                                         encoding="utf-8")
         if methods:
             _write_methods(tmp, methods, natural)
         page = render_html(
             sections=sections, findings=findings, loaded=loaded, grid_cells=grid_cells, params=params,
             command=command, metrics_dir=str(metrics_dir), natural=natural, methods=methods, generated=generated,
+            regime_block=regime_block,
         )
         (tmp / "index.html").write_text(page, encoding="utf-8")
     return ReportResult(findings, loaded.warnings, len(loaded.cells), len(grid_cells), out)
@@ -729,7 +808,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"report: {result.cells_found}/{result.cells_expected} cells -> {result.out / 'index.html'}")
     for f in result.findings:
-        print("  " + core.finding_headline(f))
+        print("  " + finding_headline(f))
     for w in result.warnings:
         print(f"  warning: {w}", file=sys.stderr)
     return 0

@@ -1,10 +1,12 @@
 """Step 3: the MLB student on the segmentation set (METHOD.md §1).
 
     α'_t, b'_t = teacher(weak view);  β = sigmoid(b'_t);  M̃ = β ⊙ α'_t + (1 − β) ⊙ S
-    L_s = L1 + Laplacian L1 of (α'_s, M̃) + λ·BCE(b'_s, 1[0.05 < M̃ < 0.95]),
+    L_s = L_matte(α'_s, M̃) + λ·BCE_w(b'_s, 1[0.05 < M̃ < 0.95]),
     α'_s, b'_s = student(strong view: the same geometry + colour jitter, blur, noise, JPEG)
 
-Needs ``S > 0`` and ``M > 0``. Data: the nested subset of ``S`` seg samples.
+Needs ``S > 0`` and ``M > 0``. Data: the nested subset of ``S`` seg samples. Loss knobs
+(``train.student``): ``matte_loss`` (conventional | l1 | mse), λ = ``lambda_boundary``,
+``boundary_pos_weight``, ``boundary_head_lr``; the ``control`` stage trains the same way on S.
 
 Label modes (``train.student.label_mode``):
 - ``offline`` (default; any teacher/student pair): the labels come from the pseudo-label
@@ -42,13 +44,19 @@ def build_job(args: argparse.Namespace, params, device=None):
     import torch
 
     from matting_core.checkpoint import load_model
-    from matting_core.losses import student_loss
     from matting_core.models import build_network
     from matting_core.training import ema_update, mlb_labels
     from matting_pipeline.atomic import file_sha256
-    from matting_pipeline.cli import StageError
-    from matting_pipeline.jobs import budget_keys, load_pretrained, mlb_only_message, require_checkpoint
-    from matting_pipeline.layout import Layout, cell_name
+    from matting_pipeline.cli import StageError, stage_layout
+    from matting_pipeline.jobs import (
+        boundary_head_groups,
+        budget_keys,
+        mlb_only_message,
+        require_checkpoint,
+        student_init,
+        student_objective,
+    )
+    from matting_pipeline.layout import cell_name
     from matting_pipeline.shards import ShardReader, read_index
     from matting_pipeline.trainer import TrainingJob, autocast_settings, step_hyper
     from matting_pipeline.views import ViewDataset
@@ -62,9 +70,9 @@ def build_job(args: argparse.Namespace, params, device=None):
             "(seg-only cells stop at `matting pretrain`, mat-only cells at `matting teacher`)"
         )
     cfg = params.train.student
-    hyper = step_hyper(cfg, args.iters)
+    hyper = step_hyper(cfg, args.iters, args.seed)
     cell = cell_name(seg_count, mat_count)
-    layout = Layout(data=args.data_root, models=args.models_root)
+    layout = stage_layout(args)
     seg_dir = layout.shard_set("seg")
     seg_keys = budget_keys(seg_dir, seg_count)
     pseudo_dir = layout.pseudolabel_dir(seg_count, mat_count)
@@ -77,16 +85,8 @@ def build_job(args: argparse.Namespace, params, device=None):
     torch.manual_seed(hyper["seed"])
     model = build_network(student_network)
     fingerprint_extra: dict = {"label_mode": cfg.label_mode}
-
-    # init: the pre-trained weights when the architecture matches (project choice)
-    pretrained, pre_path = load_pretrained(layout, seg_count)
-    if pretrained.network_spec == model.network_spec:
-        model.load_state_dict(pretrained.state_dict())
-        init_from = str(pre_path)
-        fingerprint_extra["init_sha256"] = file_sha256(pre_path)
-    else:
-        init_from = "scratch"
-    del pretrained
+    init_from, init_fingerprint = student_init(layout, seg_count, model, params)
+    fingerprint_extra.update(init_fingerprint)
 
     teacher = None
     modules: dict = {}
@@ -132,10 +132,6 @@ def build_job(args: argparse.Namespace, params, device=None):
                 ema_update(teacher, model, momentum)
 
     dataset = ViewDataset(reader, roles, cfg.crop, cfg.scale_range, hyper["seed"], strong=True)
-    lambda_boundary = float(cfg.lambda_boundary)
-
-    def objective(pred, batch):
-        return student_loss(pred, batch["blended"], lambda_boundary)
 
     return TrainingJob(
         stage="student",
@@ -145,9 +141,10 @@ def build_job(args: argparse.Namespace, params, device=None):
         out_dir=layout.model_dir("student", seg_count, mat_count),
         model=model,
         dataset=dataset,
-        objective=objective,
+        objective=student_objective(cfg, "blended"),
         hyper=hyper,
         experiment=params.study.experiment,
+        optimizer_parameters=boundary_head_groups(model, hyper["lr"], cfg.boundary_head_lr),
         input_key="image_strong",
         prepare_batch=None if teacher is None else prepare_batch,
         after_step=after_step,
@@ -155,6 +152,7 @@ def build_job(args: argparse.Namespace, params, device=None):
         run_params={
             "init_from": init_from,
             "loss": "student",
+            "method": "mlb",
             "label_source": label_source,
             "teacher_checkpoint": str(teacher_path),
             "data": str(reader.set_dir),

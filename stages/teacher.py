@@ -1,13 +1,18 @@
 """Step 2: train the teacher on composited matte data.
 
-Loss (METHOD.md §1): ``L_t = L1 + composition L1 + Laplacian L1 + λ·BCE(b', 1[0.05 < α < 0.95])``,
-λ = ``train.teacher.lambda_boundary`` (0.01). The composition term rebuilds the image from
-the (augmented) ground-truth alpha, foreground and background.
+Loss (METHOD.md §1): ``L_t = L_matte(α', α) + λ·BCE_w(b', 1[0.05 < α < 0.95])`` with
+``train.teacher``: ``matte_loss`` (``conventional`` = L1 + composition L1 + Laplacian L1,
+``l1`` or ``mse``), λ = ``lambda_boundary``, the BCE's positive-class weight
+``boundary_pos_weight`` and the boundary head's lr multiplier ``boundary_head_lr``. The
+composition term rebuilds the image from the (augmented) ground-truth alpha, foreground
+and background.
 
 Data: the composites of ``data/composite/train`` made only from foregrounds of the nested
 matte subset of ``M`` samples (``subset_keys(data/shards/matte, M)``): a composite is used
 when every key in its ``meta["fg_keys"]`` is in the subset (a two-instance composite whose
-second foreground lies outside the budget would leak an extra matte label).
+second foreground lies outside the budget would leak an extra matte label). With
+``train.teacher.single_person`` only one-person composites (the paper's teacher data: one
+person on a people-free background; the two-instance ones stay for MGM in the wild).
 
 Init: the pre-trained ``models/pretrain/seg<S>/model.pt`` when ``S > 0`` (it must exist and
 have the same network), from scratch when ``S = 0`` (the mat-only cells of the grid).
@@ -40,9 +45,16 @@ def build_job(args: argparse.Namespace, params, device=None):
     from matting_core.losses import teacher_loss
     from matting_core.models import build_network
     from matting_pipeline.atomic import file_sha256
-    from matting_pipeline.cli import StageError
-    from matting_pipeline.jobs import build_method_job, load_pretrained, matte_composites, method_hyper
-    from matting_pipeline.layout import Layout, cell_name
+    from matting_pipeline.cli import StageError, stage_layout
+    from matting_pipeline.jobs import (
+        boundary_head_groups,
+        build_method_job,
+        init_backbone,
+        load_pretrained,
+        matte_composites,
+        method_hyper,
+    )
+    from matting_pipeline.layout import cell_name
     from matting_pipeline.trainer import TrainingJob, step_hyper
     from matting_pipeline.views import ViewDataset
 
@@ -55,7 +67,7 @@ def build_job(args: argparse.Namespace, params, device=None):
             f"pre-trained model (`matting pretrain --seg {seg_count}`)"
         )
     cfg = params.train.teacher
-    layout = Layout(data=args.data_root, models=args.models_root)
+    layout = stage_layout(args)
     if params.method != "mlb":
         return build_method_job(
             stage="teacher",
@@ -65,10 +77,10 @@ def build_job(args: argparse.Namespace, params, device=None):
             params=params,
             layout=layout,
             out_dir=layout.model_dir("teacher", seg_count, mat_count),
-            hyper=method_hyper(cfg, args.iters),
+            hyper=method_hyper(cfg, args.iters, args.seed),
         )
-    hyper = step_hyper(cfg, args.iters)
-    reader = matte_composites(layout, mat_count)
+    hyper = step_hyper(cfg, args.iters, args.seed)
+    reader = matte_composites(layout, mat_count, cfg.single_person)
     dataset = ViewDataset(reader, ["alpha", "fg", "bg"], cfg.crop, cfg.scale_range, hyper["seed"])
 
     torch.manual_seed(hyper["seed"])
@@ -80,12 +92,14 @@ def build_job(args: argparse.Namespace, params, device=None):
         init_from = str(path)
         fingerprint_extra["init_sha256"] = file_sha256(path)
     else:
-        init_from = "scratch"
+        fingerprint_extra.update(init_backbone(model, params))
+        init_from = params.model.backbone_weights or "scratch"
     lambda_boundary = float(cfg.lambda_boundary)
 
     def objective(pred, batch):
         return teacher_loss(
-            pred, batch["alpha"], None, lambda_boundary, fg=batch["fg"], bg=batch["bg"]
+            pred, batch["alpha"], None, lambda_boundary, fg=batch["fg"], bg=batch["bg"],
+            matte=cfg.matte_loss, pos_weight=cfg.boundary_pos_weight,
         )
 
     return TrainingJob(
@@ -99,9 +113,11 @@ def build_job(args: argparse.Namespace, params, device=None):
         objective=objective,
         hyper=hyper,
         experiment=params.study.experiment,
+        optimizer_parameters=boundary_head_groups(model, hyper["lr"], cfg.boundary_head_lr),
         run_params={
             "init_from": init_from,
             "loss": "teacher",
+            "method": "mlb",
             "data": str(reader.set_dir),
             "matte_samples": mat_count,
         },

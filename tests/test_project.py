@@ -256,7 +256,7 @@ def hidden_defaults(raw: dict, model=None) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-paper.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "params-cpu.yaml", "params-gpu-check.yaml", "params-paper.yaml"])
 def test_params_files_state_every_parameter(name):
     raw = yaml.safe_load((REPO / name).read_text(encoding="utf-8"))
     assert hidden_defaults(raw) == [], f"{name} leaves these to defaults in matting_pipeline/config.py"
@@ -277,9 +277,9 @@ def expected_outs(stage, params) -> list[str]:
     """The outs (and metrics) of a stage instance, from matting_pipeline.layout."""
     from matting_pipeline.layout import Layout
 
-    layout = Layout()
     argv = shlex.split(stage.cmd)
     args = {argv[i][2:]: argv[i + 1] for i in range(3, len(argv) - 1) if argv[i].startswith("--")}
+    layout = Layout() if "seed" not in args else Layout().for_seed(int(args["seed"]))
     group = stage.name.partition("@")[0]
     seg, mat = int(args.get("seg", 0)), int(args.get("mat", 0))
     method = args.get("method")
@@ -294,6 +294,7 @@ def expected_outs(stage, params) -> list[str]:
         "teacher": [layout.model_path("teacher", seg, mat)],
         "pseudolabel": [layout.pseudolabel_dir(seg, mat)],
         "student": [layout.model_path("student", seg, mat)],
+        "control": [layout.model_path("control", seg)],
         "evaluate_seg_only": [layout.cell_eval_dir(seg, mat), layout.cell_metrics(seg, mat)],
         "evaluate_mat_only": [layout.cell_eval_dir(seg, mat), layout.cell_metrics(seg, mat)],
         "evaluate": [layout.cell_eval_dir(seg, mat), layout.cell_metrics(seg, mat)],
@@ -326,3 +327,27 @@ def test_paths_are_not_typed_inline_in_stages():
             if pattern.search(line):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_every_training_and_evaluation_stage_runs_once_per_seed(tmp_path):
+    """study.seeds expands every per-seed stage; the data stages and the report stay single."""
+    import shutil
+
+    import yaml
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["study"].update(seg=[60, 240], mat=[8], seeds=[0, 3])
+    params["methods"].update(compare=["dim"], cell=[240, 8])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        names = sorted(s.name for s in repo.index.stages)
+    per_seed = {"pretrain": ["60", "240"], "control": ["60", "240"], "teacher_scratch": ["8"],
+                "teacher": ["60-8", "240-8"], "pseudolabel": ["60-8", "240-8"], "student": ["60-8", "240-8"],
+                "evaluate_seg_only": ["60", "240"], "evaluate_mat_only": ["8"], "evaluate": ["60-8", "240-8"],
+                "method": ["dim"], "evaluate_method": ["dim"]}
+    want = sorted([f"{group}@{item}-{seed}" for group, items in per_seed.items() for item in items
+                   for seed in (0, 3)] + ["ingest", "shard", "composite", "report"])
+    assert names == want

@@ -40,15 +40,15 @@ def study(tmp_path_factory):
 def test_every_stage_ran(study):
     root, log = study
     stages = [line.split()[0] for line in dvc(root, "stage", "list").stdout.splitlines() if line.strip()]
-    assert {"ingest", "shard", "composite", "pretrain@12", "teacher_scratch@4", "teacher@12-4",
-            "pseudolabel@12-4", "student@12-4", "evaluate_seg_only@12", "evaluate_mat_only@4",
-            "evaluate@12-4", "report",
-            *(f"{kind}@{name}" for kind in ("method", "evaluate_method")
+    assert {"ingest", "shard", "composite", "pretrain@12-0", "teacher_scratch@4-0", "teacher@12-4-0",
+            "pseudolabel@12-4-0", "student@12-4-0", "control@12-0", "evaluate_seg_only@12-0",
+            "evaluate_mat_only@4-0", "evaluate@12-4-0", "report",
+            *(f"{kind}@{name}-0" for kind in ("method", "evaluate_method")
               for name in ("dim", "adamatting", "mgm", "mgm_wild", "mam"))} == set(stages)
     for stage in stages:
         assert f"Running stage '{stage}'" in log
     # (0, 0) is never a cell: nothing was trained or evaluated for it.
-    assert not (root / "metrics" / "seg0-mat0.json").exists()
+    assert not (root / "metrics" / "seed0" / "seg0-mat0.json").exists()
 
 
 def test_second_repro_runs_nothing(study):
@@ -64,16 +64,22 @@ def test_metrics_list_every_cell_with_the_cell_kind(study):
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
     for cell in CELLS:
-        data = files[f"metrics/{cell}.json"]["data"]
+        data = files[f"metrics/seed0/{cell}.json"]["data"]
         assert data["cell"] == cell
         primary = data["models"][data["primary"]]
         natural = primary["sets"]["natural"]
         assert natural["n"] == 4
         assert 0 <= natural["boundary"]["mse"] <= 1 and natural["whole"]["sad"] >= 0
-    kinds = {cell: json.loads((root / "metrics" / f"{cell}.json").read_text())["primary"] for cell in CELLS}
+        assert len(natural["per_image"]["whole_mse"]) == 4 and natural["labels"]["mask"]["whole"]["mse"] >= 0
+    kinds = {cell: json.loads((root / "metrics" / "seed0" / f"{cell}.json").read_text())["primary"] for cell in CELLS}
     assert kinds == {"seg0-mat4": "teacher", "seg12-mat0": "pretrain", "seg12-mat4": "student"}
-    # The both-cell also evaluates its fine-tuned teacher (finding F3 needs it).
-    assert "teacher" in json.loads((root / "metrics" / "seg12-mat4.json").read_text())["models"]
+    # The both-cell also evaluates its fine-tuned teacher and the row's S-only control (F2, F3),
+    # with the teacher's beta statistics and its blended labels scored against the GT.
+    both = json.loads((root / "metrics" / "seed0" / "seg12-mat4.json").read_text())["models"]
+    assert {"student", "teacher", "control"} <= set(both)
+    teacher = both["teacher"]["sets"]
+    assert set(teacher["composited"]["beta"]) == {"band", "fg", "bg", "outside"}
+    assert {"mask", "blended"} <= set(teacher["natural"]["labels"])
 
 
 def test_mlflow_holds_one_parent_run_per_cell_with_nested_training(study):
@@ -91,6 +97,11 @@ def test_mlflow_holds_one_parent_run_per_cell_with_nested_training(study):
             experiment_names=["tiny-study"], filter_string=f"tags.mlflow.parentRunId = '{both['run_id']}'"
         )
         assert {"teacher", "student"} <= set(children["tags.run_kind"])
+        row = cells[cells["tags.cell"] == "seg12-mat0"].iloc[0]
+        controls = mlflow.search_runs(
+            experiment_names=["tiny-study"], filter_string=f"tags.mlflow.parentRunId = '{row['run_id']}'"
+        )
+        assert "control" in set(controls["tags.run_kind"])
     finally:
         mlflow.set_tracking_uri(None)
 
@@ -105,7 +116,11 @@ def test_report_is_written_offline(study):
         if not link.startswith("#"):
             assert (root / "reports" / link).is_file(), link
     findings = json.loads((root / "reports" / "findings.json").read_text())
-    assert json.dumps(findings).count("held") >= 3
+    for fid in ("F1", "F2", "F3"):
+        assert findings[fid]["verdict"] in ("held", "not held", "inconclusive")
+        lo, hi = findings[fid]["ci95"]
+        assert lo <= findings[fid]["delta"] <= hi
+    assert set(findings["regime"]) == {"seg_only", "mat_only", "both"}
     assert (root / "reports" / "heatmaps" / "natural-boundary-mse.png").stat().st_size > 1000
 
 
@@ -116,13 +131,14 @@ def test_changing_a_student_param_reruns_only_its_dependents(study):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         status = json.loads(dvc(root, "status", "--json").stdout)
-        # The report declares every param (index.html prints them all); nothing else moves.
-        assert set(status) == {"student@12-4", "report"}
+        # The report declares every param (index.html prints them all); the S-only control
+        # shares train.student (same recipe); nothing else moves.
+        assert set(status) == {"student@12-4-0", "control@12-0", "report"}
         dry = dvc(root, "repro", "--dry").stdout
         ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
         # A dry run lists the stages whose inputs changed now; evaluate@12-4 follows once
         # the student's model.pt is rewritten.
-        assert ran == {"student@12-4", "report"}
+        assert ran == {"student@12-4-0", "control@12-0", "report"}
     finally:
         params["train"]["student"]["iters"] = 4
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -133,7 +149,7 @@ def test_methods_comparison_rows_in_the_report(study):
     table = (root / "reports" / "methods.csv").read_text(encoding="utf-8")
     for name in ("dim", "adamatting", "mgm", "mgm_wild", "mam"):
         assert name in table
-        metrics = json.loads((root / "metrics" / "methods" / f"{name}.json").read_text())
+        metrics = json.loads((root / "metrics" / "seed0" / "methods" / f"{name}.json").read_text())
         assert metrics["method"] == name and metrics["cell"] == "seg12-mat4"
         natural = metrics["sets"]["natural"]
         assert natural["n"] == 4 and 0 <= natural["boundary"]["mse"] <= 1 and metrics["fps"] > 0

@@ -161,3 +161,11 @@ def test_paths_are_relative_to_the_project(toy, monkeypatch, tmp_path):
     # Loading from another working directory still yields names `dvc repro` takes in root.
     monkeypatch.chdir(tmp_path)
     assert "teacher@1-3" in load_pipeline(Path("toy"))
+
+
+def test_a_per_seed_stage_instance_is_labelled_with_its_seed():
+    from flows.graph import StageNode
+
+    node = StageNode("teacher@2-3-1", "teacher", (2, 3), ("pretrain@2-1",), seed=1)
+    assert node.label == "teacher seg2-mat3 seed1"
+    assert StageNode("teacher@2-3", "teacher", (2, 3), ()).label == "teacher seg2-mat3"

@@ -77,7 +77,7 @@ def make_valsets(data: Path) -> None:
 
 def args_for(world, **kw):
     base = {"params": str(world["params_file"]), "data_root": str(world["data"]),
-            "models_root": str(world["models"]), "device": "cpu", "iters": None, "seg": None, "mat": None}
+            "models_root": str(world["models"]), "device": "cpu", "iters": None, "seg": None, "mat": None, "seed": 0}
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -178,7 +178,7 @@ def test_each_method_trains_and_loads_back(world, trained, name):
     result, record = got["result"], got["record"]
     assert [s for s, _, _ in record] == list(range(1, ITERS + 1))
     assert all(np.isfinite(t["total"]) for _, _, t in record)
-    path = world["models"] / "methods" / name / f"seg{SEG}-mat{MAT}" / "model.pt"
+    path = world["models"] / "seed0" / "methods" / name / f"seg{SEG}-mat{MAT}" / "model.pt"
     assert result["model_path"] == path and not (path.parent / "state.pt").exists()
     model, info = load_model(path)
     assert info["network_spec"]["method"] == name and info["network_spec"]["name"] == NETWORK
@@ -225,7 +225,7 @@ def test_mlflow_runs_are_nested_under_the_cell_with_the_method(world, trained):
 
 
 def test_mam_segmenter_is_the_pretrained_network_and_stays_frozen(world, trained):
-    pre, _ = load_model(world["models"] / "pretrain" / f"seg{SEG}" / "model.pt")
+    pre, _ = load_model(world["models"] / "seed0" / "pretrain" / f"seg{SEG}" / "model.pt")
     model = trained["mam"]["job"].model
     for key, value in pre.state_dict().items():
         torch.testing.assert_close(model.segmenter.network.state_dict()[key].cpu(), value)
@@ -251,7 +251,7 @@ def test_mgm_wild_resume_restores_the_ema_teacher_and_the_natural_stream(world, 
     _, _ = run_method(world, "mgm_wild", record=straight, raw=raw, models_root=str(world["models"]))
     models = tmp_path / "models"
     (models / "pretrain").mkdir(parents=True)
-    (models / "pretrain" / f"seg{SEG}").symlink_to(world["models"] / "pretrain" / f"seg{SEG}")
+    (models / "seed0" / "pretrain" / f"seg{SEG}").symlink_to(world["models"] / "seed0" / "pretrain" / f"seg{SEG}")
     with pytest.raises(RuntimeError, match="injected failure at step 3"):
         run_method(world, "mgm_wild", record=first, fail_at=3, raw=raw, models_root=str(models))
     state = models / "methods" / "mgm_wild" / f"seg{SEG}-mat{MAT}" / "state.pt"
@@ -267,10 +267,10 @@ def test_teacher_stage_trains_the_params_method(world, tmp_path):
     params = parse_params(raw)
     models = tmp_path / "models"
     (models / "pretrain").mkdir(parents=True)
-    (models / "pretrain" / f"seg{SEG}").symlink_to(world["models"] / "pretrain" / f"seg{SEG}")
+    (models / "seed0" / "pretrain" / f"seg{SEG}").symlink_to(world["models"] / "seed0" / "pretrain" / f"seg{SEG}")
     job = teacher.build_job(args_for(world, seg=SEG, mat=MAT, models_root=str(models)), params, CPU)
     result = train(job, CPU, progress=False)
-    assert result["model_path"] == models / "teacher" / f"seg{SEG}-mat{MAT}" / "model.pt"
+    assert result["model_path"] == models / "seed0" / "teacher" / f"seg{SEG}-mat{MAT}" / "model.pt"
     _, info = load_model(result["model_path"])
     assert info["network_spec"]["method"] == "dim" and info["extra"]["stage"] == "teacher"
     assert "lambda_boundary" not in info["extra"]["hyper"]
@@ -327,7 +327,7 @@ def _first_row(path: Path) -> dict:
 def test_dim_uses_the_sets_trimap_else_eval_trimap(world, evaluated):
     from matting_pipeline.shards import iter_samples
 
-    model, _ = load_model(world["models"] / "methods" / "dim" / f"seg{SEG}-mat{MAT}" / "model.pt")
+    model, _ = load_model(world["models"] / "seed0" / "methods" / "dim" / f"seg{SEG}-mat{MAT}" / "model.pt")
     for set_name, guidance in (("withtrimap", "set"), ("natural", "gt")):
         sample = next(iter(iter_samples(world["data"] / "shards" / f"val-{set_name}")))
         trimap = sample["trimap"] if guidance == "set" else eval_trimap(sample["alpha"], 15)
@@ -357,7 +357,7 @@ def test_evaluate_cli_still_needs_a_cell_without_method(world, capsys):
 
 
 def _predict(world, name, inp, out, *extra):
-    ckpt = world["models"] / "methods" / name / f"seg{SEG}-mat{MAT}" / "model.pt"
+    ckpt = world["models"] / "seed0" / "methods" / name / f"seg{SEG}-mat{MAT}" / "model.pt"
     return main(["predict", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
                  "--short-side", str(SIZE), "--device", "cpu", *extra])
 
@@ -392,7 +392,7 @@ def test_predict_with_each_methods_guidance(world, trained, photos, tmp_path):
             alpha = np.asarray(Image.open(tmp_path / folder / n))
             assert alpha.dtype == np.uint8 and alpha.shape == (SIZE, SIZE), (folder, n)
     # the written alpha is the core prediction with that guidance
-    model, _ = load_model(world["models"] / "methods" / "dim" / f"seg{SEG}-mat{MAT}" / "model.pt")
+    model, _ = load_model(world["models"] / "seed0" / "methods" / "dim" / f"seg{SEG}-mat{MAT}" / "model.pt")
     trimap = np.asarray(Image.open(root / "trimaps" / "sub" / "b.png"))
     expected = predict_image(model, items["sub/b.jpg"]["image"], trimap, short_side=SIZE)
     written = np.asarray(Image.open(tmp_path / "dim" / "sub" / "b.png")).astype(int)
@@ -421,7 +421,7 @@ def test_predict_says_which_input_a_checkpoint_needs(world, trained, photos, tmp
     err = capsys.readouterr().err
     assert "b.jpg: no trimap for it in" in err and (tmp_path / "partial" / "a.png").is_file()
     # the main method takes no guidance
-    mlb = world["models"] / "pretrain" / f"seg{SEG}" / "model.pt"
+    mlb = world["models"] / "seed0" / "pretrain" / f"seg{SEG}" / "model.pt"
     rc = main(["predict", "--checkpoint", str(mlb), "--input", str(root / "in"), "--output", str(tmp_path / "m"),
                "--mask", str(root / "masks"), "--device", "cpu"])
     assert rc == 2 and "takes the RGB image only; drop --mask" in capsys.readouterr().err

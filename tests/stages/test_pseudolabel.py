@@ -89,7 +89,7 @@ def workspace(tmp_path_factory):
     write_shard_set(root / "data/shards/seg", "seg", samples, SAMPLES_PER_SHARD, subset_seed=0, order=order)
     teacher = _tiny_teacher()
     for cell in ("seg24-mat4", "seg16-mat4"):
-        save_checkpoint(root / "models/teacher" / cell / "model.pt", teacher)
+        save_checkpoint(root / "models/seed0/teacher" / cell / "model.pt", teacher)
     params = {
         "shard": {"samples_per_shard": SAMPLES_PER_SHARD},
         "pseudolabel": {"num_actors": 2, "batch_size": 4, "num_cpus": 2},
@@ -113,12 +113,12 @@ def ray_local():
 def _args(root: Path, seg: int, mat: int = 4, force: bool = True) -> Namespace:
     return Namespace(
         seg=seg, mat=mat, params=str(root / "params.yaml"), data_root=str(root / "data"),
-        models_root=str(root / "models"), force=force, no_progress=False,
+        models_root=str(root / "models"), force=force, no_progress=False, seed=0,
     )
 
 
 def _out_dir(root: Path, seg: int, mat: int = 4) -> Path:
-    return root / "data/pseudolabels" / f"seg{seg}-mat{mat}"
+    return root / "data/pseudolabels/seed0" / f"seg{seg}-mat{mat}"
 
 
 def _shard_digests(out_dir: Path) -> dict[str, str]:
@@ -256,7 +256,7 @@ def test_every_subset_key_once_with_the_blend_identity(workspace, labelled, caps
         assert sample["meta"]["pseudolabel"]["blend_mode"] == "soft"
 
     samples = list(iter_samples(labelled))
-    teacher, _ = load_model(workspace / "models/teacher/seg24-mat4/model.pt")
+    teacher, _ = load_model(workspace / "models/seed0/teacher/seg24-mat4/model.pt")
     direct = label_images(teacher, [s["image"] for s in samples], [s["mask"] for s in samples])
     spread = []
     for sample, ref in zip(samples, direct):

@@ -92,7 +92,7 @@ def make_params(**train_overrides) -> dict:
     return raw
 
 
-def args_for(world, seg, mat, models_root=None, data_root=None, iters=None):
+def args_for(world, seg, mat, models_root=None, data_root=None, iters=None, seed=0):
     return argparse.Namespace(
         seg=seg,
         mat=mat,
@@ -101,15 +101,16 @@ def args_for(world, seg, mat, models_root=None, data_root=None, iters=None):
         models_root=str(models_root or world["models"]),
         device="cpu",
         iters=iters,
+        seed=seed,
     )
 
 
 def clone_models(world, dst: Path) -> Path:
     """A models root holding copies of the pre-trained and teacher checkpoints."""
     for stage in ("pretrain", "teacher"):
-        for path in (world["models"] / stage).glob("*/model.pt"):
-            (dst / stage / path.parent.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dst / stage / path.parent.name / "model.pt")
+        for path in (world["models"] / "seed0" / stage).glob("*/model.pt"):
+            (dst / "seed0" / stage / path.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst / "seed0" / stage / path.parent.name / "model.pt")
     return dst
 
 
@@ -172,7 +173,7 @@ def test_pretrain_trains_and_loss_falls(world, pretrained):
     result, record = pretrained["result"], pretrained["record"]
     assert [s for s, _, _ in record] == list(range(1, ITERS + 1))
     assert_loss_falls(losses_of(record))
-    path = world["models"] / "pretrain" / f"seg{SEG}" / "model.pt"
+    path = world["models"] / "seed0" / "pretrain" / f"seg{SEG}" / "model.pt"
     assert result["model_path"] == path and path.is_file()
     assert not (path.parent / "state.pt").exists(), "the resumable state is removed once model.pt exists"
     # exactly the nested subset of the seg set, as 0/1 mattes
@@ -249,7 +250,7 @@ def test_teacher_resume_continues_at_saved_step_with_the_same_losses(world):
     first = []
     with pytest.raises(RuntimeError, match="injected failure at step 3"):
         run_job(teacher, world, 0, MAT, raw=raw, record=first, fail_at=3, models_root=root_b)
-    cell = root_b / "teacher" / f"seg0-mat{MAT}"
+    cell = root_b / "seed0" / "teacher" / f"seg0-mat{MAT}"
     assert (cell / "state.pt").is_file() and not (cell / "model.pt").exists()
     assert read_checkpoint(cell / "state.pt")["step"] == 2
     failed_run = read_checkpoint(cell / "state.pt")["extra"]["run_id"]
@@ -282,7 +283,7 @@ def test_sigkilled_process_resumes_from_its_last_state(world, pretrained, capsys
     models = world["root"] / "killed-models"
     cmd = ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(world["data"]),
            "--models-root", str(models), "--device", "cpu"]
-    state = models / "pretrain" / f"seg{SEG}" / "state.pt"
+    state = models / "seed0" / "pretrain" / f"seg{SEG}" / "state.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *cmd], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -352,7 +353,7 @@ def test_student_reads_offline_pseudolabel_shards(world, taught, tmp_path):
         arrays = {k: v[0, 0].numpy() for k, v in labels.items()}
         samples.append((key, {"set": "pseudolabel"}, {"image": s["image"], "mask": s["mask"], **arrays}))
     cell = f"seg{SEG}-mat{MAT}"
-    write_shard_set(data / "pseudolabels" / cell, "pseudolabel", samples, samples_per_shard=4)
+    write_shard_set(data / "pseudolabels" / "seed0" / cell, "pseudolabel", samples, samples_per_shard=4)
 
     record = []
     job, _ = run_job(
@@ -365,7 +366,7 @@ def test_student_reads_offline_pseudolabel_shards(world, taught, tmp_path):
     assert 0 < float(batch["blended"].mean()) < 1
 
     # labels for another subset are refused with the command that fixes it
-    write_shard_set(data / "pseudolabels" / cell, "pseudolabel", samples[:-1], samples_per_shard=4)
+    write_shard_set(data / "pseudolabels" / "seed0" / cell, "pseudolabel", samples[:-1], samples_per_shard=4)
     with pytest.raises(StageError, match="re-run `matting pseudolabel"):
         student.build_job(args_for(world, SEG, MAT, data_root=data), parse_params(make_params()), CPU)
 
@@ -395,7 +396,7 @@ def test_student_ema_mode_updates_and_resumes_its_teacher(world, taught):
         run_job(student, world, SEG, MAT, raw=raw, fail_at=3, models_root=root_b)
     _, result = run_job(student, world, SEG, MAT, raw=raw, models_root=root_b)
     assert result["start_step"] == 2
-    a, _ = load_model(root_a / "student" / f"seg{SEG}-mat{MAT}" / "model.pt")
+    a, _ = load_model(root_a / "seed0" / "student" / f"seg{SEG}-mat{MAT}" / "model.pt")
     b, _ = load_model(result["model_path"])
     for key, value in a.state_dict().items():  # equal only if the EMA teacher was restored too
         torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-5, atol=1e-6)
@@ -431,7 +432,7 @@ def test_cli_runs_a_stage_with_iters_override(world, pretrained, capsys):
     rc = main(["teacher", "--seg", str(SEG), "--mat", str(MAT), "--params", str(world["params_file"]),
                "--data-root", str(world["data"]), "--models-root", str(models), "--device", "cpu", "--iters", "2"])
     assert rc == 0
-    _, info = load_model(models / "teacher" / f"seg{SEG}-mat{MAT}" / "model.pt")
+    _, info = load_model(models / "seed0" / "teacher" / f"seg{SEG}-mat{MAT}" / "model.pt")
     assert info["extra"]["step"] == 2
 
 
@@ -456,3 +457,66 @@ def test_loader_workers_give_the_same_batches(world):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     del workers
+
+
+# ----------------------------------------------------------------------------- control, seeds, knobs
+
+
+def test_control_student_is_the_student_recipe_on_the_label_s(world, pretrained):
+    from stages import control
+
+    record = []
+    job, result = run_job(control, world, SEG, 0, record=record)
+    assert result["model_path"] == world["models"] / "seed0" / "control" / f"seg{SEG}" / "model.pt"
+    assert job.input_key == "image_strong" and job.cell == f"seg{SEG}-mat0"
+    assert job.run_params["init_from"].endswith(f"seed0/pretrain/seg{SEG}/model.pt")
+    assert job.dataset.reader.keys == subset_keys(world["data"] / "shards" / "seg", SEG)
+    # same steps, crops and augmentation as the student: train.student's hyper-parameters
+    params = parse_params(make_params())
+    assert job.hyper["iters"] == params.train.student.iters and job.hyper["crop"] == params.train.student.crop
+    batch = record[0][1]
+    assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}  # the label is S
+    assert not torch.equal(batch["image"], batch["image_strong"])
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.data.tags["mlflow.runName"] == f"control-unet_r18x0.25-seg{SEG}-seed0"
+    with pytest.raises(StageError, match="needs S > 0"):
+        control.build_job(args_for(world, 0, 0), params, CPU)
+
+
+def test_a_study_seed_moves_the_outputs_and_the_step_seed(world, pretrained):
+    record_0, record_1 = [], []
+    raw = make_params(pretrain={"iters": 2})
+    job_1, result_1 = run_job(pretrain, world, SEG, 0, raw=raw, record=record_1, seed=1,
+                              models_root=world["root"] / "seeds")
+    job_0, _ = run_job(pretrain, world, SEG, 0, raw=raw, record=record_0, seed=0,
+                       models_root=world["root"] / "seeds")
+    assert result_1["model_path"] == world["root"] / "seeds" / "seed1" / "pretrain" / f"seg{SEG}" / "model.pt"
+    assert (job_0.hyper["seed"], job_1.hyper["seed"]) == (0, 1) and job_1.hyper["study_seed"] == 1
+    assert job_1.run_name.endswith("-seed1")
+    # another seed draws other crops and another init
+    assert not torch.equal(record_0[0][1]["image"], record_1[0][1]["image"])
+
+
+def test_single_person_teacher_data_drops_two_instance_composites(world, pretrained):
+    params = parse_params(make_params(teacher={"single_person": True}))
+    job = teacher.build_job(args_for(world, 0, N_MAT), params, CPU)
+    metas = [job.dataset.reader.meta(k) for k in job.dataset.reader.keys]
+    assert metas and all(len(m["fg_keys"]) == 1 for m in metas)
+    both = teacher.build_job(args_for(world, 0, N_MAT), parse_params(make_params()), CPU)
+    assert any(len(both.dataset.reader.meta(k)["fg_keys"]) == 2 for k in both.dataset.reader.keys)
+
+
+def test_boundary_head_lr_multiplier_and_loss_knobs(world, pretrained):
+    raw = make_params(teacher={"boundary_head_lr": 10.0, "matte_loss": "mse", "lambda_boundary": 0.1,
+                               "boundary_pos_weight": 5.0})
+    job = teacher.build_job(args_for(world, SEG, MAT), parse_params(raw), CPU)
+    groups = job.optimizer_parameters()
+    head = {id(p) for p in job.model.boundary_head.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == head and groups[1]["lr"] == pytest.approx(10 * 3e-3)
+    assert not head & {id(p) for p in groups[0]["params"]}
+    batch = {"alpha": torch.rand(2, 1, 32, 32), "fg": torch.rand(2, 3, 32, 32), "bg": torch.rand(2, 3, 32, 32)}
+    terms = job.objective(job.model(torch.rand(2, 3, 32, 32)), batch)
+    assert "mse" in terms and "laplacian" not in terms
+    torch.testing.assert_close(terms["total"], terms["matte"] + 0.1 * terms["boundary_bce"])
+    plain = teacher.build_job(args_for(world, SEG, MAT), parse_params(make_params()), CPU)
+    assert plain.optimizer_parameters is None
