@@ -70,6 +70,8 @@ def test_metrics_list_every_cell_with_the_cell_kind(study):
         natural = primary["sets"]["natural"]
         assert natural["n"] == 4
         assert 0 <= natural["boundary"]["mse"] <= 1 and natural["whole"]["sad"] >= 0
+        full = json.loads((root / "metrics" / "seed0" / f"{cell}.json").read_text())  # dvc shows no lists
+        natural = full["models"][full["primary"]]["sets"]["natural"]
         assert len(natural["per_image"]["whole_mse"]) == 4 and natural["labels"]["mask"]["whole"]["mse"] >= 0
     kinds = {cell: json.loads((root / "metrics" / "seed0" / f"{cell}.json").read_text())["primary"] for cell in CELLS}
     assert kinds == {"seg0-mat4": "teacher", "seg12-mat0": "pretrain", "seg12-mat4": "student"}
