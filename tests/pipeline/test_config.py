@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_repo_params_yaml_is_valid():
     params = load_params(REPO / "params.yaml")
-    assert params.train.teacher.lambda_boundary == 0.01
+    assert params.train.teacher.lambda_boundary == 0.1 and params.train.teacher.boundary_pos_weight == 8.0
     assert 0 not in params.study.seg and 0 not in params.study.mat
     assert params.composite.background_scale == (1.0, 1.5)
 
@@ -89,3 +89,29 @@ def test_paper_profile_is_the_35_cell_study_and_declares_every_dvc_param():
     demo_keys = _dotted_keys(yaml.safe_load((REPO / "params.yaml").read_text()))
     paper_keys = _dotted_keys(yaml.safe_load((REPO / "params-paper.yaml").read_text()))
     assert demo_keys <= paper_keys
+
+
+def test_study_seeds_and_the_loss_knobs_are_validated():
+    params = parse_params({"study": {"seeds": [0, 2, 5]}})
+    assert params.study.seeds == [0, 2, 5] and params.study.bootstrap == 2000
+    for bad in ([], [1, 0], [0, 0], [-1]):
+        with pytest.raises(ConfigError, match="study.seeds"):
+            parse_params({"study": {"seeds": bad}})
+    teacher = parse_params({"train": {"teacher": {"iters": 5, "lr": 1e-3, "matte_loss": "l1",
+                                                  "boundary_pos_weight": 8, "boundary_head_lr": 10,
+                                                  "single_person": True}}}).train.teacher
+    assert (teacher.matte_loss, teacher.boundary_pos_weight, teacher.boundary_head_lr, teacher.single_person) == (
+        "l1", 8.0, 10.0, True)
+    with pytest.raises(ConfigError, match="train.student.matte_loss"):
+        parse_params({"train": {"student": {"iters": 5, "lr": 1e-3, "matte_loss": "huber"}}})
+    with pytest.raises(ConfigError, match="train.teacher.boundary_pos_weight"):
+        parse_params({"train": {"teacher": {"iters": 5, "lr": 1e-3, "boundary_pos_weight": 0}}})
+    with pytest.raises(ConfigError, match="train.student.single_person"):  # a teacher-only knob
+        parse_params({"train": {"student": {"iters": 5, "lr": 1e-3, "single_person": True}}})
+    assert parse_params({"model": {"backbone_weights": "w.pth"}}).model.backbone_weights == "w.pth"
+
+
+@pytest.mark.parametrize("name, seeds", [("params-cpu.yaml", [0, 1, 2]), ("params-gpu-check.yaml", [0, 1])])
+def test_profiles_parse_and_have_several_seeds(name, seeds):
+    params = load_params(REPO / name)
+    assert params.study.seeds == seeds and 0 not in params.study.seg
