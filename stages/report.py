@@ -117,13 +117,19 @@ def load_cells(metrics_dir: Path, grid: Sequence[tuple[int, int]], seeds: Sequen
         else:
             out.missing.append(name)
     expected = {f"{core.cell_name(s, m)}.json" for s, m in grid}
-    for seed in seeds:
-        folder = root.for_seed(seed).metrics_dir
-        if folder.is_dir():
-            extra = sorted(p.name for p in folder.glob("seg*-mat*.json") if p.name not in expected)
-            if extra:
-                out.warnings.append(f"ignored metrics files outside this grid in {folder}: " + ", ".join(extra))
+    folders = [root.for_seed(seed).metrics_dir for seed in seeds]
+    out.warnings += _ignored_files(folders, "seg*-mat*.json", expected, "metrics files outside this grid")
     return out
+
+
+def _ignored_files(folders: Sequence[Path], pattern: str, expected: set[str], what: str) -> list[str]:
+    """One warning per folder holding ``pattern`` files not in ``expected``."""
+    warnings = []
+    for folder in folders:
+        extra = sorted(p.name for p in folder.glob(pattern) if p.name not in expected) if folder.is_dir() else []
+        if extra:
+            warnings.append(f"ignored {what} in {folder}: " + ", ".join(extra))
+    return warnings
 
 
 @dataclass
@@ -169,12 +175,9 @@ def load_methods(
     if all(v is None for v in found.values()) and not any(w.startswith("unreadable") for w in out.warnings):
         return LoadedMethods()  # the comparison has not been run: no section, no warnings
     out.entries[tuple(cell)] = found
-    for seed in seeds:
-        methods_dir = root.for_seed(seed).method_metrics_dir
-        if methods_dir.is_dir():
-            extra = sorted(p.name for p in methods_dir.glob("*.json") if p.stem not in compare)
-            if extra:
-                out.warnings.append(f"ignored method metrics not in methods.compare in {methods_dir}: " + ", ".join(extra))
+    folders = [root.for_seed(seed).method_metrics_dir for seed in seeds]
+    out.warnings += _ignored_files(folders, "*.json", {f"{n}.json" for n in compare},
+                                   "method metrics not in methods.compare")
     return out
 
 

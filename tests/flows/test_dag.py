@@ -87,8 +87,10 @@ def test_real_dvc_yaml_is_covered():
         assert all(position[p] < position[name] for p in node.parents), name
     for s in study.seg:
         for m in study.mat:
-            teacher = nodes[f"teacher@{s}-{m}"]
-            assert teacher.cell == (s, m) and f"pretrain@{s}" in teacher.parents
+            for k in study.seeds:
+                teacher = nodes[f"teacher@{s}-{m}-{k}"]
+                assert teacher.cell == (s, m) and teacher.seed == k and f"pretrain@{s}-{k}" in teacher.parents
+                assert f"control@{s}-{k}" in nodes[f"evaluate@{s}-{m}-{k}"].parents
 
 
 def test_grid_must_be_inside_the_params_grid(shared_toy):

@@ -133,7 +133,8 @@ def evaluated(world, trained):
               str(world["root"] / "eval"), "--device", "cpu"]
     for name in COMPARED:
         assert main(["evaluate", "--method", name, *common]) == 0
-    return {name: json.loads((world["root"] / "metrics" / "methods" / f"{name}.json").read_text()) for name in COMPARED}
+    return {name: json.loads((world["root"] / "metrics" / "seed0" / "methods" / f"{name}.json").read_text())
+            for name in COMPARED}
 
 
 # ----------------------------------------------------------------------------- config
@@ -160,11 +161,13 @@ def test_repo_params_and_dvc_stages_of_the_comparison():
 
     params = load_params(repo / "params.yaml")
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    assert dvc["method"]["matrix"] == {"method": "${methods.compare}"}
+    assert dvc["method"]["matrix"]["method"] == "${methods.compare}"
     assert "--method ${item.method}" in dvc["method"]["cmd"] and "stages.method" in dvc["method"]["cmd"]
-    assert "models/methods/${item.method}/seg${methods.cell[0]}-mat${methods.cell[1]}/model.pt" in dvc["method"]["outs"]
+    assert dvc["method"]["matrix"]["seed"] == "${study.seeds}" and "--seed ${item.seed}" in dvc["method"]["cmd"]
+    assert ("models/seed${item.seed}/methods/${item.method}/seg${methods.cell[0]}-mat${methods.cell[1]}/model.pt"
+            in dvc["method"]["outs"])
     assert "stages.evaluate" in dvc["evaluate_method"]["cmd"]
-    assert dvc["evaluate_method"]["metrics"] == [{"metrics/methods/${item.method}.json": {"cache": False}}]
+    assert dvc["evaluate_method"]["metrics"] == [{"metrics/seed${item.seed}/methods/${item.method}.json": {"cache": False}}]
     assert params.methods.cell is not None and params.methods.cell[0] > 0  # DVC interpolates it
     assert "method" in dvc["teacher"]["params"] and "method" in dvc["teacher_scratch"]["params"]
 
@@ -250,11 +253,11 @@ def test_mgm_wild_resume_restores_the_ema_teacher_and_the_natural_stream(world, 
     straight, first, second = [], [], []
     _, _ = run_method(world, "mgm_wild", record=straight, raw=raw, models_root=str(world["models"]))
     models = tmp_path / "models"
-    (models / "pretrain").mkdir(parents=True)
+    (models / "seed0" / "pretrain").mkdir(parents=True)
     (models / "seed0" / "pretrain" / f"seg{SEG}").symlink_to(world["models"] / "seed0" / "pretrain" / f"seg{SEG}")
     with pytest.raises(RuntimeError, match="injected failure at step 3"):
         run_method(world, "mgm_wild", record=first, fail_at=3, raw=raw, models_root=str(models))
-    state = models / "methods" / "mgm_wild" / f"seg{SEG}-mat{MAT}" / "state.pt"
+    state = models / "seed0" / "methods" / "mgm_wild" / f"seg{SEG}-mat{MAT}" / "state.pt"
     assert read_checkpoint(state)["step"] == 2 and "loss" in read_checkpoint(state)["modules"]
     _, result = run_method(world, "mgm_wild", record=second, raw=raw, models_root=str(models))
     assert result["start_step"] == 2 and [s for s, _, _ in second] == [3, 4]
@@ -266,7 +269,7 @@ def test_teacher_stage_trains_the_params_method(world, tmp_path):
     raw = make_params(method="dim")
     params = parse_params(raw)
     models = tmp_path / "models"
-    (models / "pretrain").mkdir(parents=True)
+    (models / "seed0" / "pretrain").mkdir(parents=True)
     (models / "seed0" / "pretrain" / f"seg{SEG}").symlink_to(world["models"] / "seed0" / "pretrain" / f"seg{SEG}")
     job = teacher.build_job(args_for(world, seg=SEG, mat=MAT, models_root=str(models)), params, CPU)
     result = train(job, CPU, progress=False)
@@ -282,7 +285,8 @@ def test_teacher_stage_trains_the_params_method(world, tmp_path):
     with pytest.raises(pseudolabel.PseudolabelError, match="pseudolabel stage is part of Matte Label Blending"):
         pseudolabel.make_plan(params, SEG, MAT, world["data"], models)
     # evaluate: the cell's primary is that teacher, evaluated with DIM's guidance
-    result = evaluate.evaluate_cell(params, SEG, MAT, Layout(world["data"], models, tmp_path / "metrics", tmp_path / "eval"),
+    layout = Layout(world["data"], models, tmp_path / "metrics", tmp_path / "eval").for_seed(0)
+    result = evaluate.evaluate_cell(params, SEG, MAT, layout,
                                     "cpu")
     assert result["primary"] == "teacher" and list(result["models"]) == ["teacher"]
     teacher_entry = result["models"]["teacher"]
@@ -307,7 +311,7 @@ def test_evaluate_method_writes_metrics_with_each_methods_guidance(world, evalua
         assert set(result["sets"]) == {"natural", "withtrimap"}
         for summary in result["sets"].values():
             assert summary["n"] == 3 and 0 <= summary["whole"]["mse"] <= 1
-        assert (world["root"] / "eval" / "methods" / name / f"{name}-natural.csv").is_file()
+        assert (world["root"] / "eval" / "seed0" / "methods" / name / f"{name}-natural.csv").is_file()
     assert evaluated["mam"]["trainable_params"] < evaluated["mam"]["params"]  # the frozen segmenter
     g = {n: r["guidance"] for n, r in evaluated.items()}
     assert g["dim"] == {"natural": "trimap from GT alpha (eval_trimap, 15 px)", "withtrimap": "the set's trimap"}
@@ -334,7 +338,7 @@ def test_dim_uses_the_sets_trimap_else_eval_trimap(world, evaluated):
         pred = predict_image(model, sample["image"], trimap, short_side=SIZE)
         other = predict_image(model, sample["image"], eval_trimap(sample["alpha"], 3), short_side=SIZE)
         assert np.abs(pred - other).max() > 1e-4  # the trimap matters, so the check below is meaningful
-        row = _first_row(world["root"] / "eval" / "methods" / "dim" / f"dim-{set_name}.csv")
+        row = _first_row(world["root"] / "eval" / "seed0" / "methods" / "dim" / f"dim-{set_name}.csv")
         expected = evaluate_alpha(pred, sample["alpha"], trimap=sample.get("trimap"))
         assert float(row["whole/mse"]) == pytest.approx(float(expected["whole"]["mse"]), rel=1e-5, abs=1e-9)
 
@@ -434,7 +438,7 @@ def test_report_shows_the_method_rows_beside_the_main_method(world, evaluated, t
     import shutil
 
     metrics = tmp_path / "metrics"
-    shutil.copytree(world["root"] / "metrics" / "methods", metrics / "methods")
+    shutil.copytree(world["root"] / "metrics" / "seed0" / "methods", metrics / "seed0" / "methods")
     whole = {"sad": 0.5, "mse": 0.004, "grad": 0.1, "conn": 0.4}
     boundary = {"sad": 0.2, "mse": 0.03, "grad": 0.1, "conn": 0.2}
     for s, m in parse_params(make_params()).study.cells():
@@ -443,17 +447,18 @@ def test_report_shows_the_method_rows_beside_the_main_method(world, evaluated, t
         record = {"cell": core.cell_name(s, m), "seg_count": s, "mat_count": m, "kind": kind, "primary": role,
                   "models": {role: {"network": NETWORK, "params": 1, "fps": 99.0,
                                     "sets": {"natural": {"n": 3, "whole": whole, "boundary": boundary}}}}}
-        (metrics / f"{core.cell_name(s, m)}.json").write_text(json.dumps(record))
-    (metrics / "methods" / "modnet.json").write_text("{}")
+        (metrics / "seed0" / f"{core.cell_name(s, m)}.json").write_text(json.dumps(record))
+    (metrics / "seed0" / "methods" / "modnet.json").write_text("{}")
     result = report_stage.build_report(parse_params(make_params()), metrics, tmp_path / "reports", heatmap_metrics=())
-    assert any("ignored method metrics not in methods.compare: modnet.json" in w for w in result.warnings)
+    assert any("ignored method metrics not in methods.compare in" in w and w.endswith(": modnet.json")
+               for w in result.warnings)
     html = (tmp_path / "reports" / "index.html").read_text()
     assert "Method comparison" in html and 'href="#methods"' in html
     md = (tmp_path / "reports" / "methods.md").read_text()
     lines = [ln for ln in md.splitlines() if ln.startswith(f"| seg{SEG}-mat{MAT} |")]
     assert [ln.split(" | ")[1] for ln in lines] == ["MLB (student)", *COMPARED]
     rows = {r["method"]: r for r in core.method_rows(
-        {(SEG, MAT): json.loads((metrics / f"seg{SEG}-mat{MAT}.json").read_text())}, "natural",
+        {(SEG, MAT): json.loads((metrics / "seed0" / f"seg{SEG}-mat{MAT}.json").read_text())}, "natural",
         {(SEG, MAT): evaluated})}
     for name in COMPARED:
         natural = evaluated[name]["sets"]["natural"]
@@ -464,7 +469,7 @@ def test_report_shows_the_method_rows_beside_the_main_method(world, evaluated, t
     csv_text = (tmp_path / "reports" / "methods.csv").read_text().splitlines()
     assert csv_text[0] == ",".join(core.METHOD_COLUMNS) and len(csv_text) == 1 + 1 + len(COMPARED)
     # a compared method whose file is missing is a row saying so
-    (metrics / "methods" / "mam.json").unlink()
+    (metrics / "seed0" / "methods" / "mam.json").unlink()
     result = report_stage.build_report(parse_params(make_params()), metrics, tmp_path / "r2", heatmap_metrics=())
     assert any(w.startswith("missing method mam") for w in result.warnings)
     assert "| mam (missing) |" in (tmp_path / "r2" / "methods.md").read_text()
