@@ -98,9 +98,14 @@ def matte_composites(layout: Layout, mat_count: int, single_person: bool = False
     return all_composites.restrict(keys)
 
 
-def init_backbone(model, params) -> dict:
+def init_backbone(model, params, required: bool = True) -> dict:
     """Load ``model.backbone_weights`` (an ImageNet ResNet state dict) into ``model``'s backbone
-    when set; print what was and was not loaded. Returns fingerprint entries (the file's sha256)."""
+    when set; print what was and was not loaded. Returns fingerprint entries (the file's sha256).
+
+    ``required=False`` (a student whose architecture differs from the file's, e.g. the
+    paper's r18x0.5 student with a ResNet-101 file): a file that does not fit is said and
+    skipped, the network starts from scratch.
+    """
     from matting_core.models.pretrained import load_backbone_weights
 
     path = params.model.backbone_weights
@@ -114,7 +119,10 @@ def init_backbone(model, params) -> dict:
     try:
         report = load_backbone_weights(model, path)
     except ValueError as err:
-        raise StageError(f"model.backbone_weights: {err}") from None
+        if required:
+            raise StageError(f"model.backbone_weights: {err}") from None
+        print(f"backbone weights not used ({err}); this network starts from scratch", flush=True)
+        return {}
     print(f"backbone weights: {report.summary()}", flush=True)
     return {"backbone_sha256": file_sha256(path)}
 
@@ -140,7 +148,8 @@ def student_init(layout: Layout, seg_count: int, model, params) -> tuple[str, di
     ``(init_from, fingerprint entries)``."""
     pretrained, pre_path = load_pretrained(layout, seg_count)
     if pretrained.network_spec != model.network_spec:
-        return "scratch", init_backbone(model, params)
+        loaded = init_backbone(model, params, required=False)
+        return (params.model.backbone_weights if loaded else "scratch"), loaded
     model.load_state_dict(pretrained.state_dict())
     return str(pre_path), {"init_sha256": file_sha256(pre_path)}
 

@@ -520,3 +520,32 @@ def test_boundary_head_lr_multiplier_and_loss_knobs(world, pretrained):
     torch.testing.assert_close(terms["total"], terms["matte"] + 0.1 * terms["boundary_bce"])
     plain = teacher.build_job(args_for(world, SEG, MAT), parse_params(make_params()), CPU)
     assert plain.optimizer_parameters is None
+
+
+def test_backbone_weights_param_initialises_networks_trained_from_scratch(world, tmp_path, capsys):
+    from tests.core.models.test_pretrained import torchvision_resnet_state
+
+    r18 = tmp_path / "resnet18.pth"
+    torch.save(torchvision_resnet_state(False, (2, 2, 2, 2)), r18)
+    raw = make_params()
+    raw["model"] = {"network": "unet_r18", "backbone_weights": str(r18)}
+    job = pretrain.build_job(args_for(world, SEG, 0), parse_params(raw), CPU)
+    state = torch.load(r18, weights_only=True)
+    torch.testing.assert_close(job.model.encoder.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+    assert job.run_params["init_from"] == str(r18) and "backbone_sha256" in job.fingerprint_extra
+    assert "loaded 120/126 backbone tensors" in capsys.readouterr().out
+    # a ResNet-18 file cannot initialise a ResNet-50: a required load stops with the reason
+    raw["model"]["network"] = "unet_r50"
+    with pytest.raises(StageError, match="model.backbone_weights: .*ResNet-18"):
+        pretrain.build_job(args_for(world, SEG, 0), parse_params(raw), CPU)
+    raw["model"]["backbone_weights"] = str(tmp_path / "absent.pth")
+    with pytest.raises(StageError, match="absent.pth does not exist"):
+        pretrain.build_job(args_for(world, SEG, 0), parse_params(raw), CPU)
+    # a student of another architecture than the file (the paper's r18x0.5 student beside an
+    # r101 file) says so and starts from scratch instead of failing
+    from matting_core.models import build_network
+    from matting_pipeline.jobs import init_backbone
+
+    raw["model"] = {"network": "unet_r50", "backbone_weights": str(r18)}
+    assert init_backbone(build_network("unet_r50"), parse_params(raw), required=False) == {}
+    assert "backbone weights not used" in capsys.readouterr().out
