@@ -3,7 +3,7 @@
 - The matte budget's training data: :func:`matte_composites` (the composites of
   ``data/composite/train`` made only from the first ``M`` matte foregrounds; used by the
   teacher stage and the related methods).
-- The seg-pretrained start: :func:`load_pretrained` (``models/pretrain/seg<S>/model.pt``,
+- The seg-pretrained start: :func:`load_pretrained` (``models/seed<k>/pretrain/seg<S>/model.pt``,
   checked against the network it must initialise).
 - The related methods (DIM, AdaMatting, MGM, MGM in the wild, MAM): their options from
   ``params.methods`` (:data:`METHOD_OPTIONS`), training and evaluation guidance, and

@@ -335,7 +335,7 @@ def evaluate_method(params, name: str, layout: Layout, device_name: str = "auto"
                     seg_count: int | None = None, mat_count: int | None = None) -> dict:
     """Evaluate the compared method ``name`` (``models/methods/<name>/<cell>/model.pt``).
 
-    Writes ``metrics/methods/<name>.json``: the model entry of :func:`evaluate_checkpoint`
+    Writes ``metrics/seed<k>/methods/<name>.json``: the model entry of :func:`evaluate_checkpoint`
     plus ``method``, ``summary``, ``cell``, ``seg_count``, ``mat_count`` and ``guidance``.
     """
     from matting_core.checkpoint import load_model

@@ -20,7 +20,7 @@ but with the method's own network, guidance, loss and step
   batch as ``natural_image``, ``natural_image_strong``, ``natural_mask``; the EMA teacher
   labels the weak view from ``methods.mgm_wild.unsup_start_fraction`` of the run on. With
   ``S = 0`` (a mat-only cell) there is no seg subset and it trains supervised only.
-- **Init**: ``S > 0``: the seg-pretrained ``models/pretrain/seg<S>/model.pt``
+- **Init**: ``S > 0``: the seg-pretrained ``models/seed<k>/pretrain/seg<S>/model.pt``
   (:meth:`~matting_core.methods.Method.init_from_network`: encoder, ASPP and decoder
   copied, the guidance channels of the stem zero; for MAM it becomes the frozen
   segmenter). ``S = 0``: from scratch — except MAM with ``segmenter: own``, which has no
@@ -37,7 +37,7 @@ but with the method's own network, guidance, loss and step
 Output: ``models/methods/<name>/seg<S>-mat<M>/model.pt`` (loads with
 :func:`matting_core.checkpoint.load_model`; its spec names the method). The same job
 builder trains the grid's teachers when params.yaml's top-level ``method`` is not ``mlb``
-(output ``models/teacher/seg<S>-mat<M>/model.pt``, run ``teacher-<name>-...``).
+(output ``models/seed<k>/teacher/seg<S>-mat<M>/model.pt``, run ``teacher-<name>-...``).
 
 Evaluation guidance (:func:`matting_pipeline.jobs.evaluation_guidance`, used by ``stages.evaluate``): DIM and
 AdaMatting take the validation set's trimap when it ships one, else

@@ -1,7 +1,7 @@
 """Step 1: pre-train on the segmentation set, the mask as a 0/1 matte, MSE loss.
 
 Data: the nested subset of ``S`` samples of ``data/shards/seg`` (``subset_keys``). Output:
-``models/pretrain/seg<S>/model.pt``. Pre-training depends on the seg budget only, so one
+``models/seed<k>/pretrain/seg<S>/model.pt``. Pre-training depends on the seg budget only, so one
 model serves every matte budget of that row of the grid (``--mat`` is accepted and
 ignored); its MLflow run nests under the seg-only cell ``seg<S>-mat0``.
 """

@@ -3,7 +3,7 @@
     python -m stages.pseudolabel --seg S --mat M [--params params.yaml]
                                  [--data-root data] [--models-root models] [--force]
 
-For grid cell ``seg<S>-mat<M>`` (both > 0), the teacher ``models/teacher/seg<S>-mat<M>/model.pt``
+For grid cell ``seg<S>-mat<M>`` (both > 0), the teacher ``models/seed<k>/teacher/seg<S>-mat<M>/model.pt``
 labels the nested seg subset (the first S keys of ``data/shards/seg``'s seeded order) and
 Matte Label Blending turns its output and the seg mask into the student's label
 (METHOD.md §1, offline mode):
@@ -28,7 +28,7 @@ Ray: a local Ray (``pseudolabel.num_cpus`` CPUs, no dashboard, auth disabled) un
 shipped to it; run the stage on a node of that cluster: shards are read on the driver's
 node, ``ray://`` client addresses are refused). An already-initialised Ray is reused.
 
-Output ``data/pseudolabels/seg<S>-mat<M>/`` (docs/FORMATS.md): one sample per subset key, in
+Output ``data/pseudolabels/seed<k>/seg<S>-mat<M>/`` (docs/FORMATS.md): one sample per subset key, in
 the subset's order, with members ``image`` and ``mask`` (bytes copied from the seg shard),
 ``teacher_alpha``, ``teacher_boundary``, ``blended`` (uint16 PNG, /65535) and the meta
 (``<key>.json``: the seg meta plus ``pseudolabel`` provenance); ``index.json`` like every

@@ -1,11 +1,15 @@
 """Stage ``report``: the study's tables, heatmaps, findings F1-F3 and an offline HTML page.
 
-Reads ``metrics/<cell>.json`` for every cell of the grid in params.yaml (``study.seg`` x
-``study.mat`` plus the 0 budgets, without (0, 0)) and writes ``reports/`` whole, built in a
-temporary sibling and renamed into place (a crash leaves the previous report intact)::
+Reads ``metrics/seed<k>/<cell>.json`` for every cell of the grid in params.yaml
+(``study.seg`` x ``study.mat`` plus the 0 budgets, without (0, 0)) and every study seed,
+and writes ``reports/`` whole, built in a temporary sibling and renamed into place (a crash
+leaves the previous report intact). Tables, heatmaps and plots show the seed means; the
+findings are decided from 95 % bootstrap intervals over images and seeds
+(:mod:`matting_core.findings`)::
 
     reports/index.html                         everything on one page; opens offline
-    reports/findings.json, findings.md         F1-F3: held / not held / not testable + figures
+    reports/findings.json, findings.md         F1-F3: held / not held / inconclusive / not testable,
+                                               delta, ci95, comparisons (with steps); the regime block
     reports/summary.json                       flat {"<set>/<region>/<metric>/<cell>": raw value}
     reports/tables/<set>-<region>-<metric>.csv/.md   the grid (rows seg, columns mat)
     reports/heatmaps/<set>-<region>-<metric>.png     Figure-9-style heatmaps (mse, sad)
@@ -17,7 +21,7 @@ Each cell shows its primary model (seg-only: pre-trained, mat-only: teacher, bot
 student). MSE is printed x1e3 in tables and figures (raw in summary.json); SAD, Grad, Conn
 are /1000. A cell whose metrics file is missing is shown as "missing" and warned about.
 
-Method comparison: ``metrics/methods/<name>.json`` (the ``evaluate_method@<name>`` stage)
+Method comparison: ``metrics/seed<k>/methods/<name>.json`` (the ``evaluate_method@<name>`` stage)
 for every method in ``methods.compare`` at the comparison cell ``methods.cell``, side by
 side with that cell's primary model (the MLB student): whole / boundary MSE and SAD on the
 natural set, FPS, the input and the evaluation guidance. A compared method whose file is

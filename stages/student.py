@@ -10,9 +10,9 @@ Needs ``S > 0`` and ``M > 0``. Data: the nested subset of ``S`` seg samples. Los
 
 Label modes (``train.student.label_mode``):
 - ``offline`` (default; any teacher/student pair): the labels come from the pseudo-label
-  shards ``data/pseudolabels/seg<S>-mat<M>/`` (image, mask, blended, ...) written by the
+  shards ``data/pseudolabels/seed<k>/seg<S>-mat<M>/`` (image, mask, blended, ...) written by the
   ``pseudolabel`` stage; the blended label gets the same geometry as the image. When that
-  directory does not exist, the frozen teacher ``models/teacher/seg<S>-mat<M>/model.pt``
+  directory does not exist, the frozen teacher ``models/seed<k>/teacher/seg<S>-mat<M>/model.pt``
   labels each weak view in-process with the same function
   (:func:`matting_core.training.mlb_labels`).
 - ``ema`` (teacher and student must share an architecture): the teacher starts from the
@@ -23,8 +23,8 @@ MLB only: with params.yaml's ``method`` set to a related method the stage refuse
 (the grid's teacher stages train that method; it has no MLB student).
 
 Student network: ``train.student.network`` or ``model.network``. Init (project choice): the
-pre-trained ``models/pretrain/seg<S>/model.pt`` when its architecture equals the student's,
-else from scratch. Output: ``models/student/seg<S>-mat<M>/model.pt``.
+pre-trained ``models/seed<k>/pretrain/seg<S>/model.pt`` when its architecture equals the student's,
+else from scratch. Output: ``models/seed<k>/student/seg<S>-mat<M>/model.pt``.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ second foreground lies outside the budget would leak an extra matte label). With
 ``train.teacher.single_person`` only one-person composites (the paper's teacher data: one
 person on a people-free background; the two-instance ones stay for MGM in the wild).
 
-Init: the pre-trained ``models/pretrain/seg<S>/model.pt`` when ``S > 0`` (it must exist and
+Init: the pre-trained ``models/seed<k>/pretrain/seg<S>/model.pt`` when ``S > 0`` (it must exist and
 have the same network), from scratch when ``S = 0`` (the mat-only cells of the grid).
-Output: ``models/teacher/seg<S>-mat<M>/model.pt``.
+Output: ``models/seed<k>/teacher/seg<S>-mat<M>/model.pt``.
 
 With params.yaml's ``method`` set to a related method (``dim``, ``adamatting``, ``mgm``,
 ``mgm_wild``, ``mam``) this stage trains that method instead, on the same composites and
