@@ -171,16 +171,35 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     return tuple(value[:3])  # type: ignore[return-value]
 
 
-def list_inputs(path: Path) -> list[tuple[Path, Path]]:
-    """``(file, path relative to the input root)`` for a file or every non-hidden file below a folder."""
+def list_inputs(path: Path, exclude: Path | None = None) -> list[tuple[Path, Path]]:
+    """``(file, path relative to the input root)`` for a file or every non-hidden file below a
+    folder; nothing below ``exclude`` (the output folder, when it lies inside the input folder:
+    a second run must not read its own mattes as photos)."""
     if path.is_file():
         return [(path, Path(path.name))]
+    skip = exclude.resolve() if exclude is not None else None
+    if skip is not None and path.resolve() not in skip.parents:
+        skip = None  # only an output folder strictly inside the input folder is left out
     files = []
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path)
+        if skip is not None and (p.resolve() == skip or skip in p.resolve().parents):
+            continue
         if p.is_file() and not any(part.startswith(".") for part in rel.parts):
             files.append((p, rel))
     return files
+
+
+def overwritten_inputs(inputs: list[tuple[Path, Path]], out_dir: Path, names: list[Path]) -> list[Path]:
+    """Input files that an output of this run (``<name>.png`` or ``<name>.composite.png``) would replace."""
+    sources = {p.resolve() for p, _ in inputs}
+    clashes = []
+    for name in names:
+        for suffix in (".png", ".composite.png"):
+            target = (out_dir / name).with_name(name.name + suffix).resolve()
+            if target in sources:
+                clashes.append(target)
+    return clashes
 
 
 def output_names(rels: list[Path]) -> list[Path]:
@@ -272,9 +291,15 @@ def run(args: argparse.Namespace) -> int:
         if partner_dir.is_file() and not source.is_file():
             return usage(f"{flag} {partner_dir} is a file; with a folder --input give a folder of {method.required_input}s")
 
-    inputs = list_inputs(source)
-    names = output_names([rel for _, rel in inputs])
     out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        return usage(f"--output {out_dir} is a file; give a folder for the alpha PNGs")
+    inputs = list_inputs(source, exclude=out_dir)
+    names = output_names([rel for _, rel in inputs])
+    clashes = overwritten_inputs(inputs, out_dir, names)
+    if clashes:
+        shown = ", ".join(str(c) for c in clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+        return usage(f"--output {out_dir} would overwrite input file(s) {shown}; choose another --output folder")
     written, unreadable = 0, []
     for (path, rel), name in tqdm(list(zip(inputs, names)), desc="predict", unit="img", disable=len(inputs) < 2):
         try:

@@ -125,3 +125,33 @@ def test_parse_colour():
     assert parse_colour("1, 2, 3") == (1, 2, 3)
     with pytest.raises(ValueError):
         parse_colour("1,2,300")
+
+
+def test_an_output_that_would_overwrite_an_input_is_refused(tmp_path, checkpoint, capsys):
+    src = tmp_path / "photos"
+    save(src / "GT01.png", rgb(40, 64, 1))
+    save(src / "GT02.png", rgb(40, 64, 2))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert _predict(checkpoint, src, src) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite input file(s)" in err and "GT01.png" in err and "choose another --output" in err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # nothing touched
+    # a single file whose output name is itself
+    assert _predict(checkpoint, src / "GT01.png", src) == 2
+    assert (src / "GT01.png").read_bytes() == before["GT01.png"]
+
+
+def test_an_output_folder_inside_the_input_is_never_read_as_input(tmp_path, checkpoint):
+    src = tmp_path / "photos"
+    save(src / "a.png", rgb(40, 64, 1))
+    out = src / "alphas"
+    assert _predict(checkpoint, src, out) == 0
+    assert _predict(checkpoint, src, out) == 0  # again: alphas/a.png is not a photo
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png")) == ["a.png", "alphas/a.png"]
+
+
+def test_an_output_that_is_a_file_is_a_clear_error(tmp_path, checkpoint, capsys):
+    save(tmp_path / "a.png", rgb(40, 64, 1))
+    (tmp_path / "out.txt").write_text("not a folder")
+    assert _predict(checkpoint, tmp_path / "a.png", tmp_path / "out.txt") == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
