@@ -23,6 +23,13 @@ process leaves the previous file intact.
 Loading always uses ``weights_only=True``: a file holding arbitrary pickled objects is
 refused (``pickle.UnpicklingError``), so a checkpoint from an untrusted source cannot run
 code.
+
+Integrity: every file (version 2) stores ``tensors_sha256``, a sha256 over the names,
+dtypes, shapes and bytes of its weights (a model checkpoint's ``state_dict``; a training
+state's ``model`` and ``modules``), and every read recomputes it: flipped bytes inside a
+tensor, which ``torch.load`` itself does not notice, raise :class:`CheckpointError` naming
+the file instead of silently giving wrong mattes. Version-1 files (written before the
+digest existed) still load.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from matting_core.methods import build_from_spec
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "tensors_digest",
     "TRAINING_STATE_FORMAT",
     "load_model",
     "load_training_state",
@@ -52,7 +61,37 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "matting-model"
 TRAINING_STATE_FORMAT = "matting-training-state"
-VERSION = 1
+VERSION = 2
+DIGEST_KEY = "tensors_sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is not one of ours, is newer than this code, or is corrupt."""
+
+
+def tensors_digest(tensors: Mapping[str, Any]) -> str:
+    """sha256 over ``name, dtype, shape, bytes`` of every tensor in a (nested) mapping, in key order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                walk(f"{prefix}{key}.", value[key])
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{prefix}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    walk("", tensors)
+    return digest.hexdigest()
+
+
+def _weights_of(payload: Mapping[str, Any]) -> dict[str, Any]:
+    if payload.get("format") == CHECKPOINT_FORMAT:
+        return {"state_dict": payload.get("state_dict") or {}}
+    return {"model": payload.get("model") or {}, "modules": payload.get("modules") or {}}
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -111,12 +150,29 @@ def _cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with a check that it is one of our dicts."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    """``torch.load(path, weights_only=True)`` with a check that it is one of our dicts and
+    that its weights still match the digest stored when it was written."""
+    name = os.fspath(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle payload, not a torch file...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{name} cannot be read as a checkpoint ({reason[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") not in (CHECKPOINT_FORMAT, TRAINING_STATE_FORMAT):
-        raise ValueError(f"{os.fspath(path)} is not a matting checkpoint (no 'format' key of a known kind)")
-    if payload.get("version", 0) > VERSION:
-        raise ValueError(f"{os.fspath(path)}: checkpoint version {payload['version']} is newer than {VERSION}")
+        raise CheckpointError(f"{name} is not a matting checkpoint (no 'format' key of a known kind)")
+    version = payload.get("version", 0)
+    if version > VERSION:
+        raise CheckpointError(f"{name}: checkpoint version {version} is newer than {VERSION}")
+    stored = payload.get(DIGEST_KEY)
+    if version >= 2 and stored is None:
+        raise CheckpointError(f"{name}: a version-{version} checkpoint without its weights digest; the file was modified")
+    if stored is not None and tensors_digest(_weights_of(payload)) != stored:
+        raise CheckpointError(
+            f"{name}: its weights do not match the digest stored when it was written: the file is corrupt or was "
+            "modified; restore it or re-run the stage that wrote it"
+        )
     return payload
 
 
@@ -153,6 +209,7 @@ def save_checkpoint(
         "state_dict": _cpu_state_dict(model),
         "extra": _plain(dict(extra or {}), "extra"),
     }
+    payload[DIGEST_KEY] = tensors_digest(_weights_of(payload))
     return _atomic_torch_save(payload, path)
 
 
@@ -289,6 +346,7 @@ def save_training_state(
         "rng": _rng_states(numpy_rng),
         "extra": _plain(dict(extra or {}), "extra"),
     }
+    payload[DIGEST_KEY] = tensors_digest(_weights_of(payload))
     return _atomic_torch_save(payload, path)
 
 

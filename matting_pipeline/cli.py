@@ -99,12 +99,13 @@ class StageError(RuntimeError):
 
 def run_stage(stage: str, build_and_train: Callable[[], Any]) -> int:
     """Run a stage body; known errors become one ``matting <stage>: error: ...`` line and exit 2."""
+    from matting_core.checkpoint import CheckpointError
     from matting_pipeline.config import ConfigError
     from matting_pipeline.shards import ShardError
 
     try:
         build_and_train()
-    except (StageError, ShardError, ConfigError, FloatingPointError) as err:
+    except (StageError, ShardError, ConfigError, CheckpointError, FloatingPointError) as err:
         print(f"matting {stage}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -54,7 +54,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from matting_core.checkpoint import load_training_state, read_checkpoint, save_checkpoint, save_training_state
+from matting_core.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    read_checkpoint,
+    save_checkpoint,
+    save_training_state,
+)
 from matting_core.training import cosine_schedule, train_step
 from matting_pipeline import tracking
 from matting_pipeline.atomic import write_json
@@ -396,8 +402,13 @@ def _resume(job: TrainingJob, device: torch.device) -> _Run:
 
     fingerprint = job.fingerprint()
     start_step, resume_run_id = 0, None
+    saved = None
     if state_path.is_file():
-        saved = read_checkpoint(state_path)
+        try:
+            saved = read_checkpoint(state_path)
+        except CheckpointError as err:  # a resumable state is a cache: start over, say why
+            print(f"[{job.stage}] ignoring {state_path}: {err}; training from step 0", flush=True)
+    if saved is not None:
         saved_extra = saved.get("extra", {})
         if saved_extra.get("fingerprint") == fingerprint:
             start_step = load_training_state(

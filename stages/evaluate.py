@@ -466,9 +466,17 @@ def run(args: argparse.Namespace) -> int:
         print("matting evaluate: error: --seg and --mat are required (or --method NAME for a compared method)",
               file=sys.stderr)
         return 2
+    from matting_core.checkpoint import CheckpointError
+
     params = load_params(args.params)
-    if args.method is not None:
-        return _run_method(args, params)
+    try:
+        return _run_method(args, params) if args.method is not None else _run_cell(args, params)
+    except CheckpointError as err:
+        print(f"matting evaluate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_cell(args: argparse.Namespace, params) -> int:
     result = evaluate_cell(params, args.seg, args.mat, _layout(args), args.device or params.train.device)
     primary = result["models"][result["primary"]]
     for set_name, summary in primary["sets"].items():

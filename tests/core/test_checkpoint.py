@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from matting_core.checkpoint import (
+    CheckpointError,
     load_model,
     load_training_state,
     read_checkpoint,
@@ -74,8 +75,9 @@ def test_pickle_only_objects_are_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"format": "matting-model", "version": 1, "network_spec": model.network_spec,
                 "state_dict": model.state_dict(), "extra": {"obj": NotAllowed()}}, evil)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"evil.pt cannot be read as a checkpoint \(.*Unpickl|evil.pt cannot"):
         load_model(evil)
+    assert pickle  # the refusal comes from torch's weights_only unpickler
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path):
@@ -92,6 +94,54 @@ def test_foreign_files_are_rejected(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="not a matting checkpoint"):
         load_model(path)
+
+
+def _flip_tensor_bytes(path, tensor, count=4000):
+    """Flip bytes inside ``tensor``'s stored data (torch.load itself does not notice)."""
+    raw = bytearray(path.read_bytes())
+    data = tensor.detach().contiguous().numpy().tobytes()
+    at = raw.find(data[:64])
+    assert at > 0, "tensor bytes not found in the file"
+    for i in range(at, at + min(count, len(data))):
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupted_weights_are_refused_naming_the_file(tmp_path):
+    model = _tiny()
+    path = save_checkpoint(tmp_path / "model.pt", model)
+    biggest = max(model.state_dict().values(), key=lambda t: t.numel())
+    _flip_tensor_bytes(path, biggest)
+    torch.load(path, weights_only=True)  # torch reads it happily: only the digest tells
+    with pytest.raises(CheckpointError, match=r"model.pt: its weights do not match the digest"):
+        load_model(path)
+
+
+def test_corrupted_training_state_is_refused(tmp_path):
+    model = _tiny()
+    optimizer = torch.optim.Adam(model.parameters())
+    path = save_training_state(tmp_path / "state.pt", model, optimizer, step=3)
+    _flip_tensor_bytes(path, max(model.state_dict().values(), key=lambda t: t.numel()))
+    with pytest.raises(CheckpointError, match="state.pt: its weights do not match"):
+        load_training_state(path, _tiny())
+
+
+def test_truncated_file_and_old_version_1_files(tmp_path):
+    model = _tiny()
+    path = save_checkpoint(tmp_path / "model.pt", model)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="model.pt cannot be read as a checkpoint"):
+        load_model(path)
+    old = tmp_path / "v1.pt"  # written before the digest existed: still loads
+    torch.save({"format": "matting-model", "version": 1, "network_spec": model.network_spec,
+                "state_dict": model.state_dict(), "extra": {}}, old)
+    loaded, _ = load_model(old)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    stripped = tmp_path / "v2-no-digest.pt"
+    torch.save({"format": "matting-model", "version": 2, "network_spec": model.network_spec,
+                "state_dict": model.state_dict(), "extra": {}}, stripped)
+    with pytest.raises(CheckpointError, match="without its weights digest"):
+        load_model(stripped)
 
 
 def _train_steps(model, optimizer, scheduler, rng, steps):

@@ -549,3 +549,21 @@ def test_backbone_weights_param_initialises_networks_trained_from_scratch(world,
     raw["model"] = {"network": "unet_r50", "backbone_weights": str(r18)}
     assert init_backbone(build_network("unet_r50"), parse_params(raw), required=False) == {}
     assert "backbone weights not used" in capsys.readouterr().out
+
+
+def test_a_corrupted_resumable_state_is_ignored_with_a_message(world, capsys):
+    from tests.core.test_checkpoint import _flip_tensor_bytes
+
+    raw = make_params(teacher={"iters": 4, "checkpoint_every": 2})
+    root = world["root"] / "corrupt-state"
+    with pytest.raises(RuntimeError, match="injected"):
+        run_job(teacher, world, 0, MAT, raw=raw, fail_at=3, models_root=root)
+    state = root / "seed0" / "teacher" / f"seg0-mat{MAT}" / "state.pt"
+    weights = torch.load(state, weights_only=True)["model"]
+    _flip_tensor_bytes(state, max(weights.values(), key=lambda t: t.numel()))
+    capsys.readouterr()
+    record = []
+    run_job(teacher, world, 0, MAT, raw=raw, record=record, models_root=root)
+    out = capsys.readouterr().out
+    assert "ignoring" in out and "its weights do not match the digest" in out
+    assert [s for s, _, _ in record] == [1, 2, 3, 4]  # started over, not from the corrupt step 2

@@ -67,3 +67,39 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert rc == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+class Payload:  # an object only pickle's arbitrary-object machinery can rebuild
+    pass
+
+
+def test_a_corrupted_or_pickled_checkpoint_is_refused_naming_the_file(tmp_path, capsys):
+    from tests.core.test_checkpoint import _flip_tensor_bytes
+
+    torch.manual_seed(0)
+    model = build_network("unet_r18x0.25")
+    path = save_checkpoint(tmp_path / "model.pt", model)
+    _flip_tensor_bytes(path, max(model.state_dict().values(), key=lambda t: t.numel()))
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("matting export: error: ") and "model.pt: its weights do not match" in err
+    assert "Traceback" not in err and not out.exists()
+    # predict refuses it the same way, before writing anything
+    photo = tmp_path / "in.png"
+    from tests.images import rgb, save
+
+    save(photo, rgb(32, 32, 1))
+    assert main(["predict", "--checkpoint", str(path), "--input", str(photo), "--output", str(tmp_path / "a"),
+                 "--device", "cpu"]) == 2
+    assert "its weights do not match" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "matting-model", "version": 2, "x": Payload()}, evil)
+    assert main(["export", "--checkpoint", str(evil), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "evil.pt cannot be read as a checkpoint" in err and "Traceback" not in err
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(save_checkpoint(tmp_path / "ok.pt", model).read_bytes()[:1500])
+    assert main(["export", "--checkpoint", str(truncated), "--output", str(out)]) == 2
+    assert "cut.pt cannot be read as a checkpoint" in capsys.readouterr().err
