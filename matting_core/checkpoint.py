@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from matting_core.files import created_mode
 from matting_core.methods import build_from_spec
 
 __all__ = [
@@ -133,6 +134,7 @@ def _atomic_torch_save(payload: dict[str, Any], path: str | os.PathLike[str]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, created_mode())  # mkstemp's 0600 would survive the rename: respect the umask
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)

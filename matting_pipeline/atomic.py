@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from matting_core.files import created_mode
+
 
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks (the one digest helper of the project)."""
@@ -46,6 +48,7 @@ def code_digest(stage_file: str | Path) -> str:
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.fchmod(fd, created_mode())  # mkstemp's 0600 would survive the rename: respect the umask
     os.close(fd)
     return Path(name)
 
@@ -98,6 +101,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, created_mode(directory=True))  # mkdtemp's 0700 would survive the rename
     try:
         yield tmp
         if path.exists():

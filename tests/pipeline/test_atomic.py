@@ -1,6 +1,7 @@
 """Atomic outputs: a failure mid-write leaves the old content, never a torn file."""
 
 import json
+import os
 
 import pytest
 
@@ -67,3 +68,27 @@ def test_code_digest_covers_the_stage_and_the_shared_code(tmp_path):
     copy.write_bytes(stage.read_bytes() + b"\n# edited\n")
     # the same name, other content: another digest (the stage file is part of it)
     assert atomic.code_digest(copy) != base
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_atomic_outputs_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
+    import stat
+
+    import torch
+
+    from matting_core.checkpoint import save_checkpoint
+    from matting_core.models import build_network
+    from matting_pipeline import atomic
+
+    old = os.umask(umask)
+    try:
+        written = atomic.write_bytes(tmp_path / "alpha.png", b"x")
+        with atomic.atomic_dir(tmp_path / "reports") as tmp:
+            (tmp / "index.html").write_text("ok")
+        torch.manual_seed(0)
+        ckpt = save_checkpoint(tmp_path / "model.pt", build_network("unet_r18x0.25"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written.stat().st_mode) == file_mode  # mkstemp alone gives 0600
+    assert stat.S_IMODE(ckpt.stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "reports").stat().st_mode) == dir_mode
