@@ -102,10 +102,11 @@ def run_stage(stage: str, build_and_train: Callable[[], Any]) -> int:
     from matting_core.checkpoint import CheckpointError
     from matting_pipeline.config import ConfigError
     from matting_pipeline.shards import ShardError
+    from matting_pipeline.tracking import TrackingUnreachable
 
     try:
         build_and_train()
-    except (StageError, ShardError, ConfigError, CheckpointError, FloatingPointError) as err:
+    except (StageError, ShardError, ConfigError, CheckpointError, TrackingUnreachable, FloatingPointError) as err:
         print(f"matting {stage}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -26,6 +26,37 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
+# MLflow's own HTTP client retries for minutes by default; a stage should fail in seconds.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+
+class TrackingUnreachable(RuntimeError):
+    """The MLflow tracking server does not answer; the message names the URI and the fix."""
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+    """For an ``http(s)://`` tracking URI, one request to the server's ``/health`` within
+    ``timeout`` seconds, before any work starts; other URIs (sqlite, files) need no server."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy, an old server without /health): reachable
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnreachable(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it (e.g. `mlflow server --host "
+            "127.0.0.1 --port 5000`) or unset MLFLOW_TRACKING_URI to log to the local sqlite store"
+        ) from None
+
+
 def setup(experiment: str):
     """Point MLflow at the study's store and experiment; returns the experiment id."""
     import mlflow

@@ -551,6 +551,7 @@ def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: s
 
     def body():
         params = load_params(args.params)
+        tracking.check_reachable()  # seconds, not minutes of retries after the data is loaded
         device = resolve_device(args.device or params.train.device)
         result = train(build_job(args, params, device), device)
         print(f"{label or stage}: wrote {result['model_path']} (MLflow run {result['run_id']})")

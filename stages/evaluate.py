@@ -470,8 +470,10 @@ def run(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     try:
+        if not args.no_mlflow:
+            tracking.check_reachable()  # before the evaluation, not after it
         return _run_method(args, params) if args.method is not None else _run_cell(args, params)
-    except CheckpointError as err:
+    except (CheckpointError, tracking.TrackingUnreachable) as err:
         print(f"matting evaluate: error: {err}", file=sys.stderr)
         return 2
 

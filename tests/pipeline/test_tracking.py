@@ -32,3 +32,33 @@ def test_flatten_params():
 
 def test_cell_name():
     assert tracking.cell_name(2000, 50) == "seg2000-mat50"
+
+
+def test_an_unreachable_tracking_server_fails_a_stage_in_seconds(tmp_path):
+    """A real stage process against a closed port: one line naming the URI and the fix, fast."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, MLFLOW_TRACKING_URI="http://127.0.0.1:9", PYTHONPATH=str(repo))
+    for cmd in (["stages.pretrain", "--seg", "12"], ["stages.evaluate", "--seg", "12", "--mat", "0"]):
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", *cmd, "--params", str(repo / "params.yaml"),
+                               "--data-root", str(tmp_path / "data")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - start
+        assert proc.returncode == 2, proc.stderr
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and "http://127.0.0.1:9 is unreachable" in err[0] and "MLFLOW_TRACKING_URI" in err[0]
+        assert "Traceback" not in proc.stderr and took < 60, took
+    assert not (tmp_path / "models").exists()  # nothing started
+
+
+def test_reachability_check_skips_local_stores():
+    from matting_pipeline import tracking
+
+    tracking.check_reachable("sqlite:///x.db")
+    tracking.check_reachable("file:///tmp/mlruns")
