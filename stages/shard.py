@@ -147,14 +147,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def budget_problems(params, counts: dict[str, int]) -> list[str]:
+    """The study budgets the sharded sets cannot supply, one sentence each (checked here, as
+    soon as the set sizes are known, not at ``pretrain@S`` after the upstream stages)."""
+    problems = []
+    seg_have = counts.get("seg", 0)
+    for budget in params.study.seg:
+        if budget > seg_have:
+            problems.append(f"study.seg budget {budget} needs {budget} segmentation samples but data/shards/seg "
+                            f"holds {seg_have}")
+    held_out = params.composite.val_foregrounds if params.composite.val_composited else 0
+    mat_have = max(0, counts.get("matte", 0) - held_out)
+    for budget in params.study.mat:
+        if budget > mat_have:
+            problems.append(f"study.mat budget {budget} needs {budget} training mattes but data/shards/matte holds "
+                            f"{counts.get('matte', 0)} ({held_out} held out for the composited validation set)")
+    return problems
+
+
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     try:
-        shard_all(params.shard, args.data_root, args.workers, not args.no_progress, args.force)
+        indexes = shard_all(params.shard, args.data_root, args.workers, not args.no_progress, args.force)
     except (IngestError, shards.ShardError) as err:
         print(f"matting shard: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    problems = budget_problems(params, {name: index["count"] for name, index in indexes.items()})
+    for problem in problems:
+        print(f"matting shard: error: {problem}; lower the budget in {args.params} or add data", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -183,6 +183,8 @@ def folders_params(tree: dict, **sections) -> dict:
             "val": {"ext": tree["val_dir"]},
         },
         "shard": {"samples_per_shard": 3},
+        "study": {"seg": [4], "mat": [1]},  # within the small trees' sizes (the shard stage checks)
+        "composite": {"val_foregrounds": 2},
     }
     params.update(sections)
     return params

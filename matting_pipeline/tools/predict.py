@@ -45,6 +45,9 @@ import numpy as np
 DESCRIPTION = __doc__
 
 
+MAX_SHORT_SIDE = 8192  # px: a larger network input does not fit a workstation's memory
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a model.pt written by a training stage")
     parser.add_argument("--input", required=True, help="an image file or a folder of images (recursive)")
@@ -249,8 +252,8 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.input)
     if not source.exists():
         return usage(f"--input {source} does not exist")
-    if args.short_side < 1:
-        return usage(f"--short-side must be >= 1, got {args.short_side}")
+    if not 1 <= args.short_side <= MAX_SHORT_SIDE:
+        return usage(f"--short-side must be between 1 and {MAX_SHORT_SIDE} px, got {args.short_side}")
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         return usage(f"--checkpoint {checkpoint} not found")

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = {
     "data": {"synthetic": {"image_size": 32, "matte": 10, "background": 8, "seg": 12, "val_natural": 3}},
     "shard": {"samples_per_shard": 4},
+    "study": {"seg": [12], "mat": [4]},
     "composite": {
         "backgrounds_per_fg": 2,
         "two_instance_ratio": 0.5,

@@ -176,3 +176,21 @@ def test_no_accepted_sample_is_an_error_after_writing_the_quarantine(tmp_path):
         ingest.ingest(parse_params(params).data, tmp_path / "data", workers=1, progress=False)
     q = (tmp_path / "data" / "ingest" / "quarantine.jsonl").read_text()
     assert "a.txt" in q
+
+
+def test_shard_names_a_budget_the_data_cannot_supply(tmp_path, messy, capsys):
+    params = folders_params(messy, study={"seg": [4, 1000], "mat": [1]})
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params, allow_unicode=True))
+    args = ["--params", str(params_path), "--data-root", str(tmp_path / "data"), "--no-progress", "--workers", "1"]
+    assert matting(["ingest", *args]) == 0
+    capsys.readouterr()
+    assert matting(["shard", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"matting shard: error: study.seg budget 1000 needs 1000 segmentation samples but "
+                   f"data/shards/seg holds 8; lower the budget in {params_path} or add data"]
+    params["study"]["mat"] = [1, 4]  # 5 mattes, 2 held out for validation: 3 to train on
+    params_path.write_text(yaml.safe_dump(params, allow_unicode=True))
+    assert matting(["shard", *args]) == 1
+    err = capsys.readouterr().err
+    assert "study.mat budget 4 needs 4 training mattes but data/shards/matte holds 5 (2 held out" in err

@@ -155,3 +155,10 @@ def test_an_output_that_is_a_file_is_a_clear_error(tmp_path, checkpoint, capsys)
     (tmp_path / "out.txt").write_text("not a folder")
     assert _predict(checkpoint, tmp_path / "a.png", tmp_path / "out.txt") == 2
     assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_an_absurd_short_side_is_refused_before_any_work(tmp_path, checkpoint, capsys):
+    save(tmp_path / "a.png", rgb(20, 20, 1))
+    assert _predict(checkpoint, tmp_path / "a.png", tmp_path / "out", "--short-side", "100000") == 2
+    assert "--short-side must be between 1 and 8192 px, got 100000" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
