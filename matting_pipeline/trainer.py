@@ -42,9 +42,11 @@ artifact, the state removed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -354,7 +356,48 @@ def train(
 
     Returns:
         ``{"run_id", "model_path", "start_step", "step", "resumed", "final_loss"}``.
+
+    Raises:
+        StageError: another live process is training the same output folder (its lock).
     """
+    with instance_lock(Path(job.out_dir)):
+        return _train_locked(job, device, on_step, progress)
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def instance_lock(out_dir: Path):
+    """An exclusive ``flock`` on ``<out_dir>/.lock`` for the whole run, holding the owner's pid.
+
+    Two processes training the same stage instance (a ``dvc repro`` started while an
+    orphaned stage from a killed one still runs) would interleave their states and log two
+    runs; the second is refused at once. The kernel drops the lock when its holder dies,
+    so ``kill -9`` never leaves a stale lock behind.
+    """
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise StageError(
+                f"another process (pid {owner}) is training {out_dir} right now; wait for it to finish or stop it "
+                f"(`kill {owner}`), then run this again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _train_locked(job: TrainingJob, device: torch.device, on_step, progress: bool) -> dict[str, Any]:
     run = _resume(job, device)
     status = "FAILED"
     try:

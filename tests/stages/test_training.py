@@ -567,3 +567,36 @@ def test_a_corrupted_resumable_state_is_ignored_with_a_message(world, capsys):
     out = capsys.readouterr().out
     assert "ignoring" in out and "its weights do not match the digest" in out
     assert [s for s, _, _ in record] == [1, 2, 3, 4]  # started over, not from the corrupt step 2
+
+
+def test_a_stage_instance_being_trained_by_a_live_process_is_refused(world, pretrained):
+    """A second process on the same stage instance is refused at once; the lock dies with its holder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from matting_pipeline.trainer import LOCK_NAME
+
+    raw = make_params(teacher={"iters": 2})
+    root = world["root"] / "locked"
+    lock = root / "seed0" / "teacher" / f"seg0-mat{MAT}" / LOCK_NAME
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, str(os.getpid()).encode())\n"
+        "print('locked', flush=True)\ntime.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StageError, match=rf"another process \(pid {holder.pid}\) is training .*seg0-mat{MAT}"):
+            run_job(teacher, world, 0, MAT, raw=raw, models_root=root)
+        assert not (lock.parent / "model.pt").exists() and not (lock.parent / "state.pt").exists()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        time.sleep(0.1)
+        _, result = run_job(teacher, world, 0, MAT, raw=raw, models_root=root)  # the kernel dropped the lock
+        assert result["model_path"].is_file()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
