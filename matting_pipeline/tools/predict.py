@@ -306,13 +306,16 @@ def run(args: argparse.Namespace) -> int:
     written, unreadable = 0, []
     for (path, rel), name in tqdm(list(zip(inputs, names)), desc="predict", unit="img", disable=len(inputs) < 2):
         try:
-            image, _ = read_image_rgb(path)
+            image, conversions = read_image_rgb(path)
         except ImageReadError as err:
             unreadable.append((path, err.reason))
             continue
         except Exception as err:  # noqa: BLE001 - report any decoder failure, keep going
             unreadable.append((path, f"{type(err).__name__}: {err}"))
             continue
+        for note in conversions:
+            if note.startswith("frames:"):  # an animated image: say which frame the matte is of
+                print(f"matting predict: {path}: animated image, {note[len('frames: '):]} frames", file=sys.stderr)
         if method.required_input is None:
             alpha = predict_alpha(model, image, short_side=args.short_side, device=device)
         else:

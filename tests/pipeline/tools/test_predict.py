@@ -162,3 +162,13 @@ def test_an_absurd_short_side_is_refused_before_any_work(tmp_path, checkpoint, c
     assert _predict(checkpoint, tmp_path / "a.png", tmp_path / "out", "--short-side", "100000") == 2
     assert "--short-side must be between 1 and 8192 px, got 100000" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_animated_gif_says_which_frame_its_matte_is_of(tmp_path, checkpoint, capsys):
+    frames = [Image.fromarray(rgb(32, 40, seed)) for seed in (1, 2, 3)]
+    gif = tmp_path / "in" / "wave.gif"
+    gif.parent.mkdir()
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert _predict(checkpoint, gif.parent, tmp_path / "out") == 0
+    assert f"{gif}: animated image, used the first of 3 frames" in capsys.readouterr().err
+    assert Image.open(tmp_path / "out" / "wave.png").size == (40, 32)
