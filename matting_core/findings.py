@@ -91,6 +91,10 @@ def mean_record(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _summary(record: Mapping[str, Any], role: str, valset: str) -> Mapping[str, Any]:
+    return (((record.get("models") or {}).get(role) or {}).get("sets") or {}).get(valset) or {}
+
+
 def per_image_errors(
     records: Sequence[Mapping[str, Any]], role: str, valset: str, region: str
 ) -> np.ndarray | None:
@@ -98,9 +102,7 @@ def per_image_errors(
     aligned by key across seeds (None when any seed lacks them)."""
     rows, keys = [], None
     for record in records:
-        entry = (record.get("models") or {}).get(role) or {}
-        summary = (entry.get("sets") or {}).get(valset) or {}
-        per = summary.get("per_image") or {}
+        per = _summary(record, role, valset).get("per_image") or {}
         values = per.get(f"{region}_mse")
         if not values or not per.get("key"):
             return None
@@ -167,11 +169,11 @@ def _decide(fid: str, valset: str, rule: str, comparisons: list[dict], **extra) 
     finding: dict[str, Any] = {"id": fid, "claim": CLAIMS[fid], "set": valset, "metric": "mse", "rule": rule}
     if not tested:
         problems = "; ".join(dict.fromkeys(c.get("problem", "") for c in comparisons)) or "no comparison"
-        finding.update(verdict=NOT_TESTABLE, status=NOT_TESTABLE, delta=None, ci95=None, reason=problems)
+        finding.update(verdict=NOT_TESTABLE, delta=None, ci95=None, reason=problems)
     else:
         verdict = stats.finding_verdict([c["verdict"] for c in tested])
         worst = max(tested, key=lambda c: c["ci95"][1])
-        finding.update(verdict=verdict, status=verdict, delta=worst["delta"], ci95=worst["ci95"],
+        finding.update(verdict=verdict, delta=worst["delta"], ci95=worst["ci95"],
                        decided_by=f"{worst['candidate']['cell']} {worst['candidate']['model']} vs "
                                   f"{worst['baseline']['cell']} {worst['baseline']['model']}, {worst['region']}")
         untested = [c for c in comparisons if c["verdict"] == NOT_TESTABLE]
@@ -232,10 +234,6 @@ def check_findings(
 
 
 # ----------------------------------------------------------------------------- regime
-
-
-def _summary(record: Mapping[str, Any], role: str, valset: str) -> Mapping[str, Any]:
-    return (((record.get("models") or {}).get(role) or {}).get("sets") or {}).get(valset) or {}
 
 
 def _label_ratio(records: Sequence[Mapping[str, Any]], role: str, label: str, valset: str) -> dict | None:

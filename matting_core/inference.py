@@ -60,7 +60,7 @@ def predict_alpha(
     Returns:
         ``(H, W)`` float32 alpha in [0, 1], the input's size.
     """
-    return predict_outputs(model, image, short_side, device)["alpha"]
+    return predict_outputs(model, image, short_side, device, beta=False)["alpha"]
 
 
 def predict_outputs(
@@ -68,9 +68,11 @@ def predict_outputs(
     image: np.ndarray,
     short_side: int | None = 512,
     device: torch.device | str | None = None,
+    beta: bool = True,
 ) -> dict[str, np.ndarray]:
-    """:func:`predict_alpha`, plus ``beta`` = sigmoid(boundary logits) ``(H, W)`` float32 in
-    [0, 1] when the network has a boundary head (the MLB networks), same resizing."""
+    """:func:`predict_alpha`, plus (with ``beta``) ``beta`` = sigmoid(boundary logits)
+    ``(H, W)`` float32 in [0, 1] when the network has a boundary head (the MLB networks),
+    same resizing."""
     height, width = image.shape[:2]
     net_input = image if short_side is None else resize_short_side(image, int(short_side))
     x = _as_float_rgb(net_input)
@@ -83,7 +85,7 @@ def predict_outputs(
         with torch.inference_mode():
             out = model(tensor)
             maps = {"alpha": out["alpha"][0, 0].float().cpu().numpy()}
-            if "boundary_logits" in out:
+            if beta and "boundary_logits" in out:
                 maps["beta"] = torch.sigmoid(out["boundary_logits"][0, 0].float()).cpu().numpy()
     finally:
         model.train(was_training)

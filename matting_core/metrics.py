@@ -327,9 +327,11 @@ def beta_stats(beta: np.ndarray, gt: np.ndarray) -> dict[str, float | None]:
     weighted. A region without pixels gives None. MLB wants β high in the band and low
     outside it (the blend then takes the teacher only at the boundary).
     """
+    from matting_core.regions import boundary_mask
+
     b, g = _check_alpha_pair(beta, gt)
     regions = {
-        "band": (g > BOUNDARY_LOW) & (g < BOUNDARY_HIGH),
+        "band": boundary_mask(g, BOUNDARY_LOW, BOUNDARY_HIGH),
         "fg": g >= BOUNDARY_HIGH,
         "bg": g <= BOUNDARY_LOW,
     }

@@ -103,6 +103,11 @@ class CompositeConfig(_Section):
     )
     seed: int = 0
 
+    @property
+    def held_out_foregrounds(self) -> int:
+        """Foregrounds kept out of every training subset for the composited validation set."""
+        return self.val_foregrounds if self.val_composited else 0
+
     @field_validator("background_scale", "two_instance_scale")
     @classmethod
     def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:

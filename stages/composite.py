@@ -89,7 +89,7 @@ def plan(matte_order: list[str], background_order: list[str], cfg: CompositeConf
         CompositeError: the hold-outs leave no training foreground/background.
     """
     n_fg, n_bg = len(matte_order), len(background_order)
-    hold_fg = cfg.val_foregrounds if cfg.val_composited else 0
+    hold_fg = cfg.held_out_foregrounds
     if n_fg - hold_fg < 1:
         raise CompositeError(
             f"composite.val_foregrounds ({hold_fg}) leaves no training foreground: the matte set has {n_fg}"

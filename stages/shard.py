@@ -156,7 +156,7 @@ def budget_problems(params, counts: dict[str, int]) -> list[str]:
         if budget > seg_have:
             problems.append(f"study.seg budget {budget} needs {budget} segmentation samples but data/shards/seg "
                             f"holds {seg_have}")
-    held_out = params.composite.val_foregrounds if params.composite.val_composited else 0
+    held_out = params.composite.held_out_foregrounds
     mat_have = max(0, counts.get("matte", 0) - held_out)
     for budget in params.study.mat:
         if budget > mat_have:
