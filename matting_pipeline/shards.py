@@ -727,6 +727,7 @@ class ShardReader:
             raise ShardError(f"{self.set_dir}: {len(unknown)} unknown key(s), e.g. {unknown[:3]}")
         wanted = set(self.keys)
         needed = {index["shard_of"][k] for k in self.keys}
+        self._shard_sha256 = {s["name"]: s["sha256"] for s in index["shards"] if s["name"] in needed}
         self._members: dict[str, dict[str, tuple[str, int, int, str]]] = {}
         for shard in index["shards"]:
             name = shard["name"]
@@ -804,6 +805,13 @@ class ShardReader:
 
     def meta(self, key: str) -> dict:
         return self.read(key, roles=[])["meta"]
+
+    def content_digest(self) -> str:
+        """sha256 over the index's sha256 of every shard holding one of this reader's keys:
+        it changes when the bytes of any sample it reads change (a resume check, cheap)."""
+        shards = sorted({self._members[k][role][0] for k in self.keys for role in self._members[k]})
+        text = "\n".join(f"{name} {self._shard_sha256[name]}" for name in shards)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def close(self) -> None:
         for fh in self._handles.values():

@@ -193,7 +193,10 @@ class TrainingJob:
         return f"{self.stage}{method}-{self.network}-{budget}-seed{self.hyper.get('study_seed', self.hyper['seed'])}"
 
     def fingerprint(self) -> str:
-        """Hash of what a resumable state must agree on (not checkpoint/log cadence)."""
+        """Hash of what a resumable state must agree on (not checkpoint/log cadence): the
+        job's params, network and sample keys, the content of the shards it reads (their
+        sha256 in the set's index) and ``fingerprint_extra`` (the init checkpoint's sha256,
+        the pseudo-label index's, ...)."""
         hyper = {k: v for k, v in self.hyper.items() if k not in ("checkpoint_every", "log_every")}
         payload = {
             "stage": self.stage,
@@ -203,6 +206,7 @@ class TrainingJob:
             "hyper": hyper,
             "keys": hashlib.sha256("\n".join(self.dataset.reader.keys).encode()).hexdigest(),
             "set_dir": self.dataset.reader.set_dir.name,
+            "data": self.dataset.reader.content_digest(),
             "roles": self.dataset.roles,
             "input_key": self.input_key,
             "extra": self.fingerprint_extra,
@@ -217,6 +221,7 @@ class TrainingJob:
                 "prefix": self.aux_prefix,
                 "set_dir": reader.set_dir.name,
                 "keys": hashlib.sha256("\n".join(reader.keys).encode()).hexdigest(),
+                "data": reader.content_digest(),
                 "roles": self.aux_dataset.roles,
                 "seed": self.aux_dataset.seed,
             }

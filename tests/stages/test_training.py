@@ -7,6 +7,7 @@ layout FORMATS.md fixes: data/shards/{seg,matte}, data/composite/train (meta fg_
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -301,6 +302,54 @@ def test_sigkilled_process_resumes_from_its_last_state(world, pretrained, capsys
     assert f"resuming {state} at step {saved}/30" in capsys.readouterr().out
     _, info = load_model(state.parent / "model.pt")
     assert info["extra"]["step"] == 30 and not state.exists()
+
+
+def test_a_killed_run_does_not_resume_on_other_data_with_the_same_keys(world, capsys):
+    """Issue 16 item 1: SIGKILL pre-training on data A, rebuild the set with other pixels
+    under the same keys (a new synthetic seed), re-run: it must start afresh and end with
+    the weights of a clean run on the new data, not resume steps taken on A."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = make_params(pretrain={"iters": 24, "checkpoint_every": 2})
+    params_file = world["root"] / "params-other-data.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    data = world["root"] / "data-other"
+    make_data(data, seed=0)
+    models, clean = world["root"] / "other-data-models", world["root"] / "other-data-clean"
+
+    def cmd(models_root):
+        return ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(data),
+                "--models-root", str(models_root), "--device", "cpu"]
+
+    state = models / "seed0" / "pretrain" / f"seg{SEG}" / "state.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *cmd(models)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.exists(), "the stage never wrote a resumable state"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    seg_index = json.loads((data / "shards" / "seg" / "index.json").read_text())
+    shutil.rmtree(data)
+    make_data(data, seed=1)  # same keys, same order, other pixels
+    assert json.loads((data / "shards" / "seg" / "index.json").read_text())["order"] == seg_index["order"]
+    capsys.readouterr()
+    assert main(["pretrain", *cmd(models)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "belongs to another configuration" in out
+    assert main(["pretrain", *cmd(clean)]) == 0
+    resumed, _ = load_model(state.parent / "model.pt")
+    fresh, _ = load_model(clean / "seed0" / "pretrain" / f"seg{SEG}" / "model.pt")
+    for (name, a), b in zip(resumed.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs from a clean run on the new data"
 
 
 def test_a_state_from_another_configuration_is_not_resumed(world):
