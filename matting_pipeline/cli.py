@@ -82,7 +82,33 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     args = parser.parse_args(rest)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except Exception as err:  # a user's mistake (bad params, missing input) is one line, not a traceback
+        if not is_user_error(err):
+            raise
+        print(f"matting {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+# Errors that are the user's to fix, each message naming the file and the fix; checked by
+# name so that `matting --help` imports none of their modules.
+USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("matting_pipeline.cli", "StageError"),
+    ("matting_pipeline.config", "ConfigError"),
+    ("matting_pipeline.shards", "ShardError"),
+    ("matting_core.checkpoint", "CheckpointError"),
+    ("matting_pipeline.tracking", "TrackingUnreachable"),
+)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is one of :data:`USER_ERRORS` (only modules already imported are asked)."""
+    for module_name, name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(err, getattr(module, name)):
+            return True
+    return False
 
 
 def run_module(command: str) -> None:
@@ -99,14 +125,11 @@ class StageError(RuntimeError):
 
 def run_stage(stage: str, build_and_train: Callable[[], Any]) -> int:
     """Run a stage body; known errors become one ``matting <stage>: error: ...`` line and exit 2."""
-    from matting_core.checkpoint import CheckpointError
-    from matting_pipeline.config import ConfigError
-    from matting_pipeline.shards import ShardError
-    from matting_pipeline.tracking import TrackingUnreachable
-
     try:
         build_and_train()
-    except (StageError, ShardError, ConfigError, CheckpointError, TrackingUnreachable, FloatingPointError) as err:
+    except Exception as err:
+        if not (is_user_error(err) or isinstance(err, FloatingPointError)):
+            raise
         print(f"matting {stage}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -72,7 +72,9 @@ class DataConfig(_Section):
             if missing:
                 raise ValueError(
                     "data.source is 'folders' but " + ", ".join(f"data.{k}" for k in missing)
-                    + " is not set; point it at your dataset folder (see README 'Data layouts')"
+                    + (" are" if len(missing) > 1 else " is") + " not set (null); point "
+                    + ("each" if len(missing) > 1 else "it") + " at your dataset folder (README 'Data layouts'), "
+                    "or use data.source: synthetic for the embedded demo data"
                 )
         return self
 
@@ -433,13 +435,19 @@ class Params(_Section):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line per bad key: ``  <key>: <message> (got <value>)``. The value is left out
+    when it is a whole section (a cross-key check's message names the values itself)."""
     lines = [f"{source}: {err.error_count()} invalid key(s):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (typo?); see matting_pipeline/config.py for the valid keys"
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        value = e.get("input")
+        got = "" if isinstance(value, dict) or len(repr(value)) > 120 else f" (got {value!r})"
+        lines.append(f"  {key}: {msg}{got}" if key else f"  {msg}")
     return "\n".join(lines)
 
 

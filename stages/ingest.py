@@ -81,9 +81,13 @@ class Candidate:
 
 @dataclass
 class SetReport:
+    """One set's ingest counts. Files: ``files`` found = ``files_used`` + ``quarantined``;
+    samples: ``accepted`` (a sample is a pair of files, or one for backgrounds)."""
+
     files: int = 0
     accepted: int = 0
     quarantined: int = 0
+    files_used: int = 0
     converted: int = 0
     conversions: Counter = field(default_factory=Counter)
 
@@ -414,6 +418,7 @@ def ingest(
                 rep.converted += 1
             rep.conversions.update(c.split(":", 1)[0] for c in entry["conversions"])
         rep.accepted = len(accepted)
+        rep.files_used = sum(len(set(entry["paths"].values())) for entry in accepted)  # an RGBA cut-out is one file
         rep.quarantined = sum(1 for r in quarantine if r["set"] == source.name)
         if not accepted:
             empty_sets.append(f"{source.param_key} ({source.name}: {n_files} files, none accepted)")
@@ -429,6 +434,7 @@ def ingest(
         {
             name: {
                 "files": r.files,
+                "files_used": r.files_used,
                 "accepted": r.accepted,
                 "quarantined": r.quarantined,
                 "converted": r.converted,
@@ -445,19 +451,22 @@ def ingest(
 
 
 def format_summary(reports: dict[str, SetReport]) -> str:
-    """The printed summary table: set, files found, accepted, quarantined, conversions."""
-    head = ("set", "found", "accepted", "quarantined", "converted", "conversions")
+    """The printed summary table, files and samples in separate columns: per set the files
+    found = files used + files quarantined, then the samples those used files make."""
+    head = ("set", "files", "used", "quarantined", "samples", "converted", "conversions")
     rows = []
     for name, r in reports.items():
         conv = ", ".join(f"{k} x{n}" for k, n in sorted(r.conversions.items())) or "-"
-        rows.append((name, str(r.files), str(r.accepted), str(r.quarantined), str(r.converted), conv))
-    widths = [max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i]) for i in range(5)]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head[:5], widths))) + "  " + head[5]]
-    for row in rows:
-        lines.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row[:5], widths))) + "  " + row[5]
-        )
-    return "\n".join(lines)
+        rows.append((name, str(r.files), str(r.files_used), str(r.quarantined), str(r.accepted), str(r.converted), conv))
+    n = len(head) - 1
+    widths = [max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i]) for i in range(n)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells[:n], widths))) + "  " + cells[n]
+
+    return "\n".join([line(head), *(line(row) for row in rows),
+                      "files = used + quarantined (files); samples: pairs (fg+alpha, image+mask) or single backgrounds; "
+                      "converted: samples"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

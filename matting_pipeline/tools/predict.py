@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +304,12 @@ def run(args: argparse.Namespace) -> int:
     if clashes:
         shown = ", ".join(str(c) for c in clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
         return usage(f"--output {out_dir} would overwrite input file(s) {shown}; choose another --output folder")
+    try:  # a folder that cannot be made or written (/proc, read-only, no permission) fails before any work
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        return usage(f"--output {out_dir} is not a writable folder ({err.strerror or err}); choose another --output")
     written, unreadable = 0, []
     for (path, rel), name in tqdm(list(zip(inputs, names)), desc="predict", unit="img", disable=len(inputs) < 2):
         try:
@@ -337,10 +344,17 @@ def run(args: argparse.Namespace) -> int:
                 guidance = prompt
             alpha = predict_image(model, image, guidance, short_side=args.short_side, device=device)
         alpha_u8 = np.clip(np.round(alpha * 255.0), 0, 255).astype(np.uint8)
-        write_bytes(out_dir / name.parent / f"{name.name}.png", _png_bytes(alpha_u8))
-        if background is not None:
-            cut = cutout_over(image, alpha, background)
-            write_bytes(out_dir / name.parent / f"{name.name}.composite.png", _png_bytes(cut))
+        target = out_dir / name.parent / f"{name.name}.png"
+        try:
+            write_bytes(target, _png_bytes(alpha_u8))
+            if background is not None:
+                cut = cutout_over(image, alpha, background)
+                target = target.with_name(f"{name.name}.composite.png")
+                write_bytes(target, _png_bytes(cut))
+        except OSError as err:  # disk full, folder removed mid-run: stop, say which file
+            print(f"matting predict: error: cannot write {target} ({err.strerror or err}); "
+                  f"{written} matte(s) written before it", file=sys.stderr)
+            return 1
         written += 1
 
     for path, reason in unreadable:

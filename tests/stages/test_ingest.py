@@ -115,9 +115,13 @@ def test_cli_prints_summary_and_shards_round_trip(tmp_path, messy, capsys):
     assert matting(["ingest", *args]) == 0
     table = capsys.readouterr().out
     header = table.splitlines()[0].split()
-    assert header == ["set", "found", "accepted", "quarantined", "converted", "conversions"]
+    assert header == ["set", "files", "used", "quarantined", "samples", "converted", "conversions"]
     seg_row = next(line for line in table.splitlines() if line.startswith("seg "))
-    assert seg_row.split()[1:4] == ["21", "8", "5"]  # 21 files: 8 pairs, 2 orphans, 1 bad pair, 1 stray
+    # 21 files: 8 pairs (16 files used), 5 quarantined (2 orphans, 1 bad pair, 1 stray): one unit per column
+    assert seg_row.split()[1:5] == ["21", "16", "5", "8"]
+    for row in table.splitlines()[1:5]:
+        files, used, quarantined = map(int, row.split()[1:4])
+        assert files == used + quarantined, row
 
     assert matting(["shard", *args]) == 0
     manifest = read_manifest(data_root)

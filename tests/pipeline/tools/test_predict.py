@@ -172,3 +172,11 @@ def test_an_animated_gif_says_which_frame_its_matte_is_of(tmp_path, checkpoint, 
     assert _predict(checkpoint, gif.parent, tmp_path / "out") == 0
     assert f"{gif}: animated image, used the first of 3 frames" in capsys.readouterr().err
     assert Image.open(tmp_path / "out" / "wave.png").size == (40, 32)
+
+
+@pytest.mark.parametrize("output", ["/proc/matting-predict-out", "/proc/self/matting-out"])
+def test_an_output_under_proc_is_a_clear_error(tmp_path, checkpoint, capsys, output):
+    save(tmp_path / "a.png", rgb(20, 20, 1))
+    assert _predict(checkpoint, tmp_path / "a.png", output) == 2
+    err = capsys.readouterr().err
+    assert f"--output {output} is not a writable folder" in err and "Traceback" not in err
