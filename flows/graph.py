@@ -175,8 +175,11 @@ def dvc_command(*args: str) -> list[str]:
 
 def stage_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a stage command: this venv first on PATH (stages call ``python``),
-    unbuffered output, no analytics, MLflow on the project's store unless set."""
-    env = dict(os.environ)
+    unbuffered output, no analytics, MLflow on the project's store unless set, and this
+    runner in ``MATTING_LAUNCHER_PIDS`` (a stage dies with the runner that started it)."""
+    from matting_pipeline.lifecycle import launcher_env
+
+    env = launcher_env()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("DVC_NO_ANALYTICS", "1")

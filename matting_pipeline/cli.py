@@ -65,7 +65,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# Commands that start no processes of their own: no reaper (matting_pipeline.lifecycle).
+_NO_REAPER = ("predict", "export")
+
+
+def main(argv: list[str] | None = None, entry: bool = False) -> int:
+    """Run ``matting <command> ...``. ``entry``: this process is the command's own (``python -m
+    stages.X``, the console script), so what it starts must die with it
+    (:func:`matting_pipeline.lifecycle.install`); not when called in-process (tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
     if not argv or argv[0] in ("-h", "--help"):
@@ -82,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     args = parser.parse_args(rest)
+    if entry and command not in _NO_REAPER:
+        from matting_pipeline import lifecycle
+
+        lifecycle.install(command)
     try:
         return int(args._run(args) or 0)
     except Exception as err:  # a user's mistake (bad params, missing input) is one line, not a traceback
@@ -113,7 +124,12 @@ def is_user_error(err: BaseException) -> bool:
 
 def run_module(command: str) -> None:
     """Entry point for ``python -m stages.<command>``."""
-    sys.exit(main([command, *sys.argv[1:]]))
+    sys.exit(main([command, *sys.argv[1:]], entry=True))
+
+
+def console_main() -> int:
+    """Entry point of the ``matting`` console script."""
+    return main(entry=True)
 
 
 # ----------------------------------------------------------------------------- stage entry
@@ -176,4 +192,4 @@ def stage_layout(args: argparse.Namespace, **roots):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -184,6 +184,12 @@ class TrainConfig(_Section):
     num_workers: int = Field(
         2, ge=0, description="DataLoader worker processes decoding shards (0 = in the training process)"
     )
+    threads: int = Field(
+        1, ge=0,
+        description="math threads of every training and evaluation stage (torch.set_num_threads); CPU "
+        "kernels sum in a thread-dependent order, so results depend on it and it is a param: dvc repro, "
+        "flows.repro and Prefect give the same weights. 0 = leave it to OMP_NUM_THREADS / torch",
+    )
     pretrain: StepConfig = StepConfig(iters=150, lr=1e-4)
     teacher: TeacherConfig = TeacherConfig(iters=150, lr=5e-5)
     student: StudentConfig = StudentConfig(iters=150, lr=5e-5)

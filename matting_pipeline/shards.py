@@ -863,7 +863,10 @@ def parallel_map(
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         chunksize = max(1, min(16, len(items) // (workers * 8)))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        from matting_pipeline.lifecycle import die_with_parent
+
+        # die_with_parent: a killed stage must not leave its workers blocked on their queue forever
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent) as pool:
             for result in pool.map(fn, items, chunksize=chunksize):
                 yield result
                 bar.update()

@@ -11,7 +11,10 @@ Run names encode the experiment, e.g. ``teacher-unet_r18x0.5-seg60-mat8-seed0``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from matting_core.grid import cell_name
@@ -57,12 +60,36 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def store_lock(uri: str | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on ``<db>.lock`` beside a local sqlite store (other stores: no-op).
+
+    Two processes opening a fresh ``mlflow.db`` at once both run its schema migrations and one
+    dies with an alembic error; two creating the same experiment or cell run race the same way
+    (two ``flows.repro`` started together did). Creation happens under this lock."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def setup(experiment: str):
-    """Point MLflow at the study's store and experiment; returns the experiment id."""
+    """Point MLflow at the study's store and experiment (created under :func:`store_lock`
+    when missing); returns the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    exp = mlflow.set_experiment(experiment)
+    uri = tracking_uri()
+    with store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.set_experiment(experiment)
     return exp.experiment_id
 
 
@@ -75,25 +102,26 @@ def get_or_create_cell_run(experiment: str, seg_count: int, mat_count: int, netw
 
     experiment_id = setup(experiment)
     cell = cell_name(seg_count, mat_count)
-    client = MlflowClient()
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.run_kind = 'cell' and tags.cell = '{cell}'",
-        max_results=1,
-        order_by=["attributes.start_time ASC"],
-    )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(
-        experiment_id,
-        run_name=f"cell-{cell}",
-        tags={"run_kind": "cell", "cell": cell, "seg_count": str(seg_count), "mat_count": str(mat_count)},
-    )
-    run_id = run.info.run_id
-    client.log_param(run_id, "seg_count", int(seg_count))
-    client.log_param(run_id, "mat_count", int(mat_count))
-    client.log_param(run_id, "network", network)
-    client.set_terminated(run_id, "FINISHED")
+    with store_lock():  # two processes must not both miss the run and both create it
+        client = MlflowClient()
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.run_kind = 'cell' and tags.cell = '{cell}'",
+            max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(
+            experiment_id,
+            run_name=f"cell-{cell}",
+            tags={"run_kind": "cell", "cell": cell, "seg_count": str(seg_count), "mat_count": str(mat_count)},
+        )
+        run_id = run.info.run_id
+        client.log_param(run_id, "seg_count", int(seg_count))
+        client.log_param(run_id, "mat_count", int(mat_count))
+        client.log_param(run_id, "network", network)
+        client.set_terminated(run_id, "FINISHED")
     return run_id
 
 

@@ -592,6 +592,15 @@ def _finish(job: TrainingJob, run: _Run) -> None:
 # ----------------------------------------------------------------------------- stage entry
 
 
+def set_math_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` (params ``train.threads``; 0 leaves torch's default).
+
+    The runner's OMP_NUM_THREADS must not decide the result: a 1-thread and a 2-thread run of
+    the same stage train different weights (CPU reductions sum in a thread-dependent order)."""
+    if threads > 0:
+        torch.set_num_threads(int(threads))
+
+
 def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: str | None = None) -> int:
     """The ``run`` of every training stage: load params, pick the device, build the job
     with ``build_job(args, params, device)``, train, report where the model went."""
@@ -600,6 +609,7 @@ def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: s
     def body():
         params = load_params(args.params)
         tracking.check_reachable()  # seconds, not minutes of retries after the data is loaded
+        set_math_threads(params.train.threads)
         device = resolve_device(args.device or params.train.device)
         result = train(build_job(args, params, device), device)
         print(f"{label or stage}: wrote {result['model_path']} (MLflow run {result['run_id']})")

@@ -419,10 +419,10 @@ def log_method_to_mlflow(params, result: dict, eval_dir: Path) -> str:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    cell_run = tracking.get_or_create_cell_run(
+    cell_run = tracking.get_or_create_cell_run(  # first: it creates the store under its lock
         params.study.experiment, result["seg_count"], result["mat_count"], result["network"]
     )
+    client = MlflowClient()
     run_id, prefix = result.get("run_id"), ""
     try:
         if not run_id or client.get_run(run_id).info.experiment_id != client.get_run(cell_run).info.experiment_id:
@@ -468,8 +468,10 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     from matting_core.checkpoint import CheckpointError
+    from matting_pipeline.trainer import set_math_threads
 
     params = load_params(args.params)
+    set_math_threads(params.train.threads)  # metrics must not depend on the runner's thread count
     try:
         if not args.no_mlflow:
             tracking.check_reachable()  # before the evaluation, not after it

@@ -16,6 +16,11 @@ import mlflow
 import pytest
 import yaml
 
+import sys
+
+import torch
+
+from matting_core.checkpoint import load_model
 from tests.e2e.tiny import make_tiny_project, pipeline_env
 
 pytestmark = pytest.mark.slow
@@ -24,7 +29,9 @@ CELLS = ["seg0-mat4", "seg12-mat0", "seg12-mat4"]
 
 
 def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["dvc", *args], cwd=root, env=pipeline_env(root), capture_output=True, text=True)
+    # 2 math threads in the environment: flows.repro below gives its stages 1 (issue 16 item 6)
+    env = {**pipeline_env(root), "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(["dvc", *args], cwd=root, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -156,3 +163,34 @@ def test_methods_comparison_rows_in_the_report(study):
         natural = metrics["sets"]["natural"]
         assert natural["n"] == 4 and 0 <= natural["boundary"]["mse"] <= 1 and metrics["fps"] > 0
     assert "Method comparison" in (root / "reports" / "index.html").read_text(encoding="utf-8")
+
+
+def _without_timings(value):
+    """A metrics document less what a clock (FPS) or MLflow (run ids) decides."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in ("fps", "run_id")}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def test_flows_repro_trains_and_scores_exactly_what_dvc_repro_does(study, tmp_path_factory):
+    """Issue 16 item 6: `flows.repro -j 2` (1 math thread per stage from the runner) and `dvc
+    repro` (2 from the environment) trained different students; train.threads now decides."""
+    root, _ = study
+    other = make_tiny_project(tmp_path_factory.mktemp("study-flows"))
+    result = subprocess.run([sys.executable, "-m", "flows.repro", "--jobs", "2", "--threads", "1"], cwd=other,
+                            env=pipeline_env(other), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    models = sorted(p.relative_to(root) for p in (root / "models").rglob("model.pt"))
+    assert len(models) >= 10 and models == sorted(p.relative_to(other) for p in (other / "models").rglob("model.pt"))
+    for rel in models:
+        a, _ = load_model(root / rel)
+        b, _ = load_model(other / rel)
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), f"{rel}: {name} differs between dvc repro and flows.repro"
+    metrics = sorted(p.relative_to(root) for p in (root / "metrics").rglob("*.json"))
+    assert metrics == sorted(p.relative_to(other) for p in (other / "metrics").rglob("*.json"))
+    for rel in metrics:
+        assert _without_timings(json.loads((root / rel).read_text())) == _without_timings(
+            json.loads((other / rel).read_text())), rel

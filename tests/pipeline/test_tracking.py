@@ -62,3 +62,39 @@ def test_reachability_check_skips_local_stores():
 
     tracking.check_reachable("sqlite:///x.db")
     tracking.check_reachable("file:///tmp/mlruns")
+
+
+_RACER = """
+import sys, time
+from matting_pipeline import tracking
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # every racer starts at the same instant
+print(tracking.get_or_create_cell_run("race", 12, 4, "unet_r18x0.5"))
+"""
+
+
+def test_processes_creating_a_fresh_store_at_once_agree_on_one_cell_run(tmp_path):
+    """Issue 16 item 6: two `flows.repro` at once on a fresh clone -- one died with an alembic
+    traceback while both created mlflow.db. Four processes now race to create the store,
+    the experiment and the same cell run: all succeed and there is one cell run."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    start = time.time() + 8.0  # after every interpreter has imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(start)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-2000:]
+    assert len({out.strip() for out, _ in outs}) == 1
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = mlflow.search_runs(experiment_names=["race"], filter_string="tags.run_kind = 'cell'")
+        assert len(runs) == 1
+    finally:
+        mlflow.set_tracking_uri(None)
