@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["cutout_over", "fit_cover", "predict_alpha", "predict_outputs", "resize_short_side"]
+__all__ = [
+    "composite_rows", "cover_background", "cutout_over", "fit_cover", "predict_alpha", "predict_lowres",
+    "predict_outputs", "resize_short_side", "row_bands", "upsample_rows",
+]
 
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
@@ -74,6 +77,21 @@ def predict_outputs(
     ``(H, W)`` float32 in [0, 1] when the network has a boundary head (the MLB networks),
     same resizing."""
     height, width = image.shape[:2]
+    maps = predict_lowres(model, image, short_side, device, beta)
+    return {name: upsample_rows(value, (height, width)) for name, value in maps.items()}
+
+
+def predict_lowres(
+    model: nn.Module,
+    image: np.ndarray,
+    short_side: int | None = 512,
+    device: torch.device | str | None = None,
+    beta: bool = False,
+) -> dict[str, np.ndarray]:
+    """The network's maps at the test-time scale, before resizing back: ``alpha`` (and
+    ``beta``), ``(h, w)`` float32. Only the small resized copy of ``image`` is converted to
+    float, so a huge photo costs its own bytes and no more (:func:`upsample_rows` brings the
+    maps back to full size a band of rows at a time)."""
     net_input = image if short_side is None else resize_short_side(image, int(short_side))
     x = _as_float_rgb(net_input)
     if device is None:
@@ -89,11 +107,39 @@ def predict_outputs(
                 maps["beta"] = torch.sigmoid(out["boundary_logits"][0, 0].float()).cpu().numpy()
     finally:
         model.train(was_training)
-    for name, value in maps.items():
-        if value.shape != (height, width):
-            value = cv2.resize(value, (width, height), interpolation=cv2.INTER_LINEAR)
-        maps[name] = np.clip(value, 0.0, 1.0).astype(np.float32)
     return maps
+
+
+def _linear_taps(size_in: int, size_out: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps of output positions ``start..stop-1`` (half-pixel centres, edges clamped,
+    as ``cv2.resize(..., INTER_LINEAR)``): first index, second index, weight of the second."""
+    pos = (np.arange(start, stop, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
+    pos = np.clip(pos, 0.0, size_in - 1)
+    first = np.floor(pos).astype(np.intp)
+    second = np.minimum(first + 1, size_in - 1)
+    return first, second, (pos - first).astype(np.float32)
+
+
+def upsample_rows(low: np.ndarray, size_hw: tuple[int, int], start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows ``start..stop-1`` of ``low`` (h, w) resized bilinearly to ``size_hw``, clipped to
+    [0, 1], float32 ``(stop - start, W)``. Computed per output row from the small map, so a
+    band costs only its own pixels; any split into bands gives the same values."""
+    height, width = int(size_hw[0]), int(size_hw[1])
+    stop = height if stop is None else stop
+    low = np.asarray(low, dtype=np.float32)
+    if low.shape == (height, width):
+        return np.clip(low[start:stop], 0.0, 1.0)
+    y0, y1, wy = _linear_taps(low.shape[0], height, start, stop)
+    x0, x1, wx = _linear_taps(low.shape[1], width, 0, width)
+    rows = low[y0] * (1.0 - wy)[:, None] + low[y1] * wy[:, None]
+    out = rows[:, x0] * (1.0 - wx) + rows[:, x1] * wx
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def row_bands(height: int, rows: int = 256):
+    """``(start, stop)`` bands of ``rows`` rows covering ``0..height``."""
+    for start in range(0, height, rows):
+        yield start, min(height, start + rows)
 
 
 def fit_cover(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -123,13 +169,28 @@ def cutout_over(image: np.ndarray, alpha: np.ndarray, background: np.ndarray | t
     height, width = image.shape[:2]
     if alpha.shape != (height, width):
         raise ValueError(f"alpha {alpha.shape} does not match image {image.shape[:2]}")
+    bg = cover_background(background, (height, width))
+    out = np.empty_like(image)
+    for start, stop in row_bands(height):
+        out[start:stop] = composite_rows(image[start:stop], alpha[start:stop], bg if isinstance(bg, tuple) else bg[start:stop])
+    return out
+
+
+def cover_background(background: np.ndarray | tuple[int, int, int], size_hw: tuple[int, int]):
+    """A background for :func:`composite_rows`: an image fitted to ``size_hw`` (uint8), or
+    the colour as a checked ``(r, g, b)`` tuple (never expanded to a full image)."""
     if isinstance(background, np.ndarray) and background.ndim == 3:
-        bg = fit_cover(background, (height, width)).astype(np.float32)
-    else:
-        colour = np.asarray(background, dtype=np.float32).reshape(-1)
-        if colour.shape != (3,) or colour.min() < 0 or colour.max() > 255:
-            raise ValueError(f"background colour must be 3 values in 0..255, got {background!r}")
-        bg = np.broadcast_to(colour, (height, width, 3))
+        return fit_cover(background, size_hw)
+    colour = np.asarray(background, dtype=np.float32).reshape(-1)
+    if colour.shape != (3,) or colour.min() < 0 or colour.max() > 255:
+        raise ValueError(f"background colour must be 3 values in 0..255, got {background!r}")
+    return tuple(float(c) for c in colour)
+
+
+def composite_rows(image: np.ndarray, alpha: np.ndarray, background) -> np.ndarray:
+    """``round(α·I + (1 − α)·B)`` of a band of rows as uint8 RGB; ``background``: the band of
+    a fitted image, or an ``(r, g, b)`` tuple (:func:`cover_background`)."""
     a = np.clip(alpha, 0.0, 1.0)[..., None]
+    bg = np.asarray(background, dtype=np.float32)
     out = a * image.astype(np.float32) + (1.0 - a) * bg
     return np.clip(np.round(out), 0, 255).astype(np.uint8)

@@ -46,8 +46,9 @@ def code_digest(stage_file: str | Path) -> str:
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+    """An empty ``.<name>.XXXX<suffix>`` file beside ``path`` (mode from the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.fchmod(fd, created_mode())  # mkstemp's 0600 would survive the rename: respect the umask
     os.close(fd)
     return Path(name)
@@ -77,11 +78,27 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
     """Open a temp sibling of ``path`` for writing; rename it into place on clean exit."""
     path = Path(path)
-    tmp = _tmp_sibling(path)
+    tmp = _tmp_sibling(path, ".tmp")
     try:
         with open(tmp, mode) as fh:
             yield fh
             fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp sibling *name* ending in ``path``'s suffix, for writers that take a file name
+    and pick the format by it (``cv2.imwrite``); fsynced and renamed into place on clean exit."""
+    path = Path(path)
+    tmp = _tmp_sibling(path, ".tmp" + path.suffix)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

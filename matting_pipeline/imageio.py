@@ -32,6 +32,7 @@ Policies (each a defined outcome, see README "Data layouts"):
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -98,20 +99,29 @@ def _load(path: str | Path, data: bytes | None) -> tuple[Image.Image, list[str],
 
     Returns the PIL image, the conversions so far, and the EXIF orientation (1 = none).
     """
-    if data is None:
+    if data is None:  # decode from the file: its bytes are never all in memory beside the pixels
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    raise ImageReadError(path, "empty file (0 bytes)")
+                return _decode(path, fh)
         except OSError as err:
             raise ImageReadError(path, f"cannot read file ({err.strerror or err})") from None
     if len(data) == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
+    return _decode(path, io.BytesIO(data))
+
+
+def _decode(path: str | Path, source) -> tuple[Image.Image, list[str], int]:
+    """:func:`_load` on an open binary file object ``source`` (fully decoded before return)."""
     conversions: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(source)
         except UnidentifiedImageError:
-            magic = _sniff(data)
+            source.seek(0)
+            magic = _sniff(source.read(16))
             if magic:
                 raise ImageReadError(path, f"undecodable {magic} (corrupt header)") from None
             raise ImageReadError(path, "not an image (unrecognised format)") from None
@@ -206,7 +216,7 @@ def read_image_rgb(path: str | Path, data: bytes | None = None) -> tuple[np.ndar
     im, conversions, _ = _load(path, data)
     mode = im.mode
     if mode == "RGB":
-        return np.asarray(im, dtype=np.uint8).copy(), conversions
+        return _rgb_array(im), conversions
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         if mode == "F":
             a = np.array(im, dtype=np.float32)
@@ -229,7 +239,20 @@ def read_image_rgb(path: str | Path, data: bytes | None = None) -> tuple[np.ndar
     else:
         conversions.append(f"mode: {mode}->RGB")
         rgb = im.convert("RGB")
-    return np.asarray(rgb, dtype=np.uint8).copy(), conversions
+    im.close()  # free the source pixels before the array is made
+    return _rgb_array(rgb), conversions
+
+
+def _rgb_array(im: Image.Image, rows: int = 512) -> np.ndarray:
+    """An RGB PIL image as a writable ``(H, W, 3)`` uint8 array, copied a band of rows at a
+    time (``np.asarray(im).copy()`` holds two full copies beside PIL's own 4 bytes/pixel);
+    the PIL image is closed after."""
+    out = np.empty((im.height, im.width, 3), np.uint8)
+    for top in range(0, im.height, rows):
+        bottom = min(im.height, top + rows)
+        out[top:bottom] = np.asarray(im.crop((0, top, im.width, bottom)), dtype=np.uint8)
+    im.close()
+    return out
 
 
 def _single_channel(im: Image.Image, path, conversions: list[str], what: str) -> np.ndarray:

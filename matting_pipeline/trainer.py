@@ -234,7 +234,8 @@ class TrainingJob:
 class _RunLogger:
     """One MLflow run nested under the cell run; metrics buffered and sent in batches."""
 
-    def __init__(self, job: TrainingJob, resume_run_id: str | None, params: dict[str, str]):
+    def __init__(self, job: TrainingJob, resume_run_id: str | None, params: dict[str, str],
+                 abandoned_run_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.parent_id = tracking.get_or_create_cell_run(job.experiment, *_cell_budgets(job), job.network)
@@ -266,8 +267,21 @@ class _RunLogger:
             )
             self.run_id = run.info.run_id
             self._log_params(params)
+        if abandoned_run_id and abandoned_run_id != self.run_id:
+            self._close_abandoned(abandoned_run_id)
         self._buffer: list = []
         self._last_flush = time.monotonic()
+
+    def _close_abandoned(self, run_id: str) -> None:
+        """A run whose process was killed before it saved a resumable state stays RUNNING
+        for ever; mark it KILLED and point at the run that replaces it."""
+        try:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return
+            self.client.set_tag(run_id, "replaced_by", self.run_id)
+            self.client.set_terminated(run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - a run from another store, or deleted: nothing to close
+            return
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -429,6 +443,16 @@ def _train_locked(job: TrainingJob, device: torch.device, on_step, progress: boo
     }
 
 
+def _abandoned_run(out_dir: Path) -> str | None:
+    """The MLflow run id of ``<out_dir>/run.json`` when it says RUNNING: the process that
+    wrote it was killed (this one holds the stage lock, so no other live process has it)."""
+    try:
+        info = json.loads((out_dir / RUN_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("run_id") if isinstance(info, dict) and info.get("status") == "RUNNING" else None
+
+
 def _resume(job: TrainingJob, device: torch.device) -> _Run:
     """Model, optimiser, schedule and scaler on ``device``; the saved state when its
     fingerprint matches (else step 0, said so); the MLflow run (continued when resumed)."""
@@ -491,7 +515,7 @@ def _resume(job: TrainingJob, device: torch.device) -> _Run:
         fingerprint=fingerprint, state_path=state_path, model_path=out_dir / MODEL_NAME,
         start_step=start_step, step=start_step, saved_step=start_step,
     )
-    run.logger = _RunLogger(job, resume_run_id, params)
+    run.logger = _RunLogger(job, resume_run_id, params, abandoned_run_id=_abandoned_run(out_dir))
     run.run_info = {
         "run_id": run.logger.run_id,
         "parent_run_id": run.logger.parent_id,

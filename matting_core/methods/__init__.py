@@ -503,9 +503,9 @@ def predict_image(
         raise ValueError(f"a {method.name} model needs {method.guidance_help}")
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be an (H, W, 3) RGB array, got {getattr(image, 'shape', type(image))}")
-    rgb = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else np.clip(image.astype(np.float32), 0, 1)
-    height, width = rgb.shape[:2]
-    resized = resize_short_side(rgb, short_side) if short_side else rgb
+    height, width = image.shape[:2]
+    small = resize_short_side(image, short_side) if short_side else image  # convert only the small copy
+    resized = small.astype(np.float32) / 255.0 if small.dtype == np.uint8 else np.clip(small.astype(np.float32), 0, 1)
     new_h, new_w = resized.shape[:2]
     g = normalize_guidance(method.required_input, guidance)
     known = g[0] if method.required_input == "trimap" else None

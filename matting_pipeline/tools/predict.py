@@ -225,24 +225,43 @@ def output_names(rels: list[Path]) -> list[Path]:
     return unique
 
 
-def _png_bytes(array) -> bytes:
+def write_outputs(image: np.ndarray, alpha_rows, background, alpha_path: Path, composite_path: Path) -> None:
+    """Write the 8-bit alpha PNG and, with a ``background``, the composite PNG, a band of rows
+    at a time: the only full-size arrays are the photo (3 bytes/pixel, overwritten in place
+    by the composite) and the 8-bit alpha (1 byte/pixel), plus a fitted background image.
+
+    ``alpha_rows(start, stop)`` gives float alpha rows in [0, 1]. PNGs are written by
+    ``cv2.imwrite`` (streamed, no encoded copy in memory) to a temp sibling, then renamed."""
     import cv2
 
-    if array.ndim == 3:
-        array = array[:, :, ::-1]  # RGB -> BGR for cv2
-    ok, buf = cv2.imencode(".png", array)
-    if not ok:  # pragma: no cover - cv2 encodes any uint8 array
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
+    from matting_core.inference import composite_rows, cover_background, row_bands
+    from matting_pipeline.atomic import atomic_path
+
+    height, width = image.shape[:2]
+    alpha_u8 = np.empty((height, width), np.uint8)
+    bg = None if background is None else cover_background(background, (height, width))
+    for start, stop in row_bands(height):
+        alpha = alpha_rows(start, stop)
+        alpha_u8[start:stop] = np.clip(np.round(alpha * 255.0), 0, 255)
+        if bg is not None:
+            band = bg if isinstance(bg, tuple) else bg[start:stop]
+            image[start:stop] = composite_rows(image[start:stop], alpha, band)[:, :, ::-1]  # as BGR, for cv2
+    with atomic_path(alpha_path) as tmp:
+        if not cv2.imwrite(str(tmp), alpha_u8):
+            raise OSError(f"cv2 could not write {tmp}")
+    del alpha_u8
+    if bg is not None:
+        with atomic_path(composite_path) as tmp:
+            if not cv2.imwrite(str(tmp), image):
+                raise OSError(f"cv2 could not write {tmp}")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from matting_core.checkpoint import load_model
-    from matting_core.inference import cutout_over, predict_alpha
+    from matting_core.inference import predict_lowres, upsample_rows
     from matting_core.methods import method_of, predict_image
-    from matting_pipeline.atomic import write_bytes
     from matting_pipeline.imageio import ImageReadError, read_image_rgb
     from matting_pipeline.trainer import resolve_device
 
@@ -323,8 +342,12 @@ def run(args: argparse.Namespace) -> int:
         for note in conversions:
             if note.startswith("frames:"):  # an animated image: say which frame the matte is of
                 print(f"matting predict: {path}: animated image, {note[len('frames: '):]} frames", file=sys.stderr)
-        if method.required_input is None:
-            alpha = predict_alpha(model, image, short_side=args.short_side, device=device)
+        height, width = image.shape[:2]
+        if method.required_input is None:  # the network's small map, brought back a band at a time
+            low = predict_lowres(model, image, short_side=args.short_side, device=device)["alpha"]
+
+            def alpha_rows(start, stop, low=low):
+                return upsample_rows(low, (height, width), start, stop)
         else:
             if partner_dir is not None:
                 kind = method.required_input
@@ -343,14 +366,12 @@ def run(args: argparse.Namespace) -> int:
             else:
                 guidance = prompt
             alpha = predict_image(model, image, guidance, short_side=args.short_side, device=device)
-        alpha_u8 = np.clip(np.round(alpha * 255.0), 0, 255).astype(np.uint8)
+
+            def alpha_rows(start, stop, alpha=alpha):
+                return alpha[start:stop]
         target = out_dir / name.parent / f"{name.name}.png"
         try:
-            write_bytes(target, _png_bytes(alpha_u8))
-            if background is not None:
-                cut = cutout_over(image, alpha, background)
-                target = target.with_name(f"{name.name}.composite.png")
-                write_bytes(target, _png_bytes(cut))
+            write_outputs(image, alpha_rows, background, target, target.with_name(f"{name.name}.composite.png"))
         except OSError as err:  # disk full, folder removed mid-run: stop, say which file
             print(f"matting predict: error: cannot write {target} ({err.strerror or err}); "
                   f"{written} matte(s) written before it", file=sys.stderr)

@@ -352,6 +352,42 @@ def test_a_killed_run_does_not_resume_on_other_data_with_the_same_keys(world, ca
         assert torch.equal(a, b), f"{name} differs from a clean run on the new data"
 
 
+def test_a_run_killed_before_its_first_state_is_closed_not_left_running(world):
+    """chaos: a training process SIGKILLed before it saved a resumable state left its MLflow
+    run RUNNING for ever beside the run that replaced it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = make_params(pretrain={"iters": 400, "checkpoint_every": 1000})
+    params_file = world["root"] / "params-abandoned.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    models = world["root"] / "abandoned-models"
+    cmd = ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(world["data"]),
+           "--models-root", str(models), "--device", "cpu"]
+    run_json = models / "seed0" / "pretrain" / f"seg{SEG}" / "run.json"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *cmd], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not run_json.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert run_json.exists(), "the stage never wrote run.json"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed = json.loads(run_json.read_text())
+    assert killed["status"] == "RUNNING" and not (run_json.parent / "state.pt").exists()
+    assert main(["pretrain", *cmd, "--iters", "3"]) == 0
+    client = MlflowClient()
+    old = client.get_run(killed["run_id"])
+    new_id = json.loads(run_json.read_text())["run_id"]
+    assert old.info.status == "KILLED" and old.data.tags["replaced_by"] == new_id
+    assert client.get_run(new_id).info.status == "FINISHED"
+
+
 def test_a_state_from_another_configuration_is_not_resumed(world):
     raw = make_params(teacher={"iters": 4, "checkpoint_every": 2})
     root = world["root"] / "resume-other"

@@ -180,3 +180,45 @@ def test_an_output_under_proc_is_a_clear_error(tmp_path, checkpoint, capsys, out
     assert _predict(checkpoint, tmp_path / "a.png", output) == 2
     err = capsys.readouterr().err
     assert f"--output {output} is not a writable folder" in err and "Traceback" not in err
+
+
+def _photo(path, side: int) -> None:
+    import cv2
+
+    y, x = np.mgrid[:side, :side].astype(np.float32) / side
+    image = np.stack([255 * x, 255 * y, 128 + 100 * np.sin(20 * x * y)], -1)
+    image += np.random.default_rng(0).normal(0, 8, image.shape).astype(np.float32)
+    cv2.imwrite(str(path), np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def _peak_rss_bytes(args) -> int:
+    """Peak resident memory of `matting predict ARGS` in a fresh interpreter: its own VmHWM
+    (wait4's ru_maxrss would report the forking pytest's size)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, re; from matting_pipeline.cli import main; rc = main(['predict', *sys.argv[1:]]); "
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split()[-1]) * 1024
+
+
+def test_a_huge_photo_with_a_composite_costs_a_few_bytes_per_pixel(tmp_path, checkpoint):
+    """Issue 16 item 8: a 13000x13000 photo with --composite peaked at 8.2 GB (about 45
+    bytes per pixel: float copies of the photo, the alpha and the composite). Now the photo
+    (3 B/px) and the 8-bit alpha (1 B/px) are the only full-size arrays: the bound measured
+    here on 16 MP is 12 B/px over the fixed cost of a small photo (benchmarks/bench_predict_memory.py
+    measures 169 MP)."""
+    side = 4000
+    _photo(tmp_path / "big.jpg", side)
+    _photo(tmp_path / "small.jpg", 400)
+    common = ["--checkpoint", str(checkpoint), "--short-side", str(SHORT), "--device", "cpu", "--composite", "#00ff00"]
+    small = _peak_rss_bytes(["--input", str(tmp_path / "small.jpg"), "--output", str(tmp_path / "s"), *common])
+    big = _peak_rss_bytes(["--input", str(tmp_path / "big.jpg"), "--output", str(tmp_path / "b"), *common])
+    per_pixel = (big - small) / side**2
+    print(f"peak {big / 2**20:.0f} MB (small photo {small / 2**20:.0f} MB): {per_pixel:.1f} B/px")
+    assert per_pixel < 12, f"{per_pixel:.1f} bytes per pixel above a small photo's peak"
+    alpha = np.asarray(Image.open(tmp_path / "b" / "big.png"))
+    composite = np.asarray(Image.open(tmp_path / "b" / "big.composite.png"))
+    assert alpha.shape == (side, side) and composite.shape == (side, side, 3)
