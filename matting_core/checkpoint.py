@@ -58,6 +58,7 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint",
     "save_training_state",
+    "model_identity",
 ]
 
 CHECKPOINT_FORMAT = "matting-model"
@@ -87,6 +88,19 @@ def tensors_digest(tensors: Mapping[str, Any]) -> str:
 
     walk("", tensors)
     return digest.hexdigest()
+
+
+def model_identity(path: str | os.PathLike[str]) -> str:
+    """sha256 of what a model *is*: its verified weights digest and network spec, not the
+    file's bytes (``extra`` holds the MLflow run id, which differs between two runs that
+    train the same weights). Outputs derived from a model are keyed by this."""
+    import hashlib
+    import json
+
+    ckpt = read_checkpoint(path)
+    weights = ckpt.get(DIGEST_KEY) or tensors_digest(_weights_of(ckpt))  # version 1: no stored digest
+    text = json.dumps({"weights": weights, "spec": ckpt.get("network_spec")}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _weights_of(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,7 @@ def make_plan(
         matting_pipeline.shards.ShardError: the seg set is missing, inconsistent, too small or corrupt.
     """
     from matting_pipeline import shards
+    from matting_core.checkpoint import model_identity
     from matting_pipeline.atomic import code_digest, file_sha256
     from matting_pipeline.jobs import mlb_only_message
     from matting_pipeline.layout import Layout, cell_name
@@ -156,7 +157,8 @@ def make_plan(
             )
         shard_paths.append(str(path.resolve()))
     blend = params.train.student.blend
-    teacher_sha256 = file_sha256(teacher_path)
+    # the teacher's weights, not its file: two runs training the same teacher write the same labels
+    teacher_sha256 = model_identity(teacher_path)
     code = code_digest(__file__)
     amp = bool(getattr(params.train, "amp", False))
     payload = {
