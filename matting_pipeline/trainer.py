@@ -416,7 +416,43 @@ def instance_lock(out_dir: Path):
         os.close(fd)  # releases the lock
 
 
+def result_fingerprint(job: TrainingJob) -> str:
+    """What decides a finished model: the job's :meth:`~TrainingJob.fingerprint` and the code
+    (the stage's file, ``matting_pipeline``, ``matting_core``), stored in ``model.pt``."""
+    from matting_pipeline.atomic import code_digest
+
+    stage_file = Path(__file__).resolve().parents[1] / "stages" / f"{job.stage}.py"
+    code = code_digest(stage_file) if stage_file.is_file() else code_digest(__file__)
+    return hashlib.sha256(f"{job.fingerprint()} {code}".encode()).hexdigest()
+
+
+def _already_trained(job: TrainingJob) -> dict[str, Any] | None:
+    """The result of a finished run of this very job (same :func:`result_fingerprint`, run.json
+    FINISHED with the model's run id), when its process was killed after ``model.pt`` was
+    written but before DVC recorded the stage: training again would give the same weights
+    and a second FINISHED MLflow run."""
+    model_path = Path(job.out_dir) / MODEL_NAME
+    if not model_path.is_file():
+        return None
+    try:
+        extra = read_checkpoint(model_path).get("extra", {})
+        info = json.loads((Path(job.out_dir) / RUN_NAME).read_text())
+    except (CheckpointError, OSError, ValueError):
+        return None
+    if extra.get("result_fingerprint") != result_fingerprint(job) or info.get("status") != "FINISHED" \
+            or info.get("run_id") != extra.get("run_id"):
+        return None
+    step = int(extra.get("step", 0))
+    return {"run_id": extra["run_id"], "model_path": model_path, "start_step": step, "step": step,
+            "resumed": False, "reused": True, "final_loss": extra.get("final_loss")}
+
+
 def _train_locked(job: TrainingJob, device: torch.device, on_step, progress: bool) -> dict[str, Any]:
+    done = _already_trained(job)
+    if done is not None:
+        print(f"[{job.stage}] {done['model_path']} is already the result of this configuration, data and code "
+              f"(MLflow run {done['run_id']}); not training it again", flush=True)
+        return done
     run = _resume(job, device)
     status = "FAILED"
     try:
@@ -604,6 +640,7 @@ def _finish(job: TrainingJob, run: _Run) -> None:
         "step": run.step,
         "run_id": run.logger.run_id,
         "final_loss": run.final_loss,
+        "result_fingerprint": result_fingerprint(job),
         "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in job.hyper.items()},
         **{k: v for k, v in job.run_params.items() if isinstance(v, (str, int, float, bool))},
     }

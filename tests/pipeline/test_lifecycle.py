@@ -6,6 +6,7 @@ that installed the reaper, and a stage run by a real ``dvc repro`` whose dvc is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,6 +36,26 @@ def _wait_for(predicate, timeout: float, what: str):
 def _survivors(tree: dict[int, int]) -> list[str]:
     return [f"{pid} {' '.join(lifecycle._cmdline(pid))[:120]}" for pid, start in tree.items()
             if lifecycle.alive(pid, start)]
+
+
+def _kill_and_expect_none_left(proc: subprocess.Popen, tree: dict[int, int], what: str) -> None:
+    """SIGKILL ``proc``; within 10 s no process of ``tree`` may be left."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _survivors(tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _survivors(tree), f"{what} still running 10 s after the kill: {_survivors(tree)}"
+
+
+@contextlib.contextmanager
+def _reaped(proc: subprocess.Popen):
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _params(tmp_path: Path, seg: int = 240) -> Path:
@@ -68,20 +89,13 @@ def test_a_killed_ingest_leaves_no_pool_worker(tmp_path):
                              str(tmp_path / "data"), "--workers", "2", "--no-progress"],
                             cwd=tmp_path, env=pipeline_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with _reaped(proc):
         def pool():
             tree = lifecycle.descendants(proc.pid)
             workers = [p for p in tree if "stages.ingest" in " ".join(lifecycle._cmdline(p))]
             return tree if len(workers) >= 2 else None
 
-        tree = _wait_for(pool, 120, "ingest's pool workers")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _wait_for(lambda: not _survivors(tree), 10, f"the stage's processes to end: {_survivors(tree)}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill_and_expect_none_left(proc, _wait_for(pool, 120, "ingest's pool workers"), "ingest's processes")
 
 
 _RAY_DRIVER = """
@@ -102,17 +116,11 @@ def test_a_killed_ray_driver_leaves_no_ray_process(tmp_path):
     env = pipeline_env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", _RAY_DRIVER], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
+    with _reaped(proc):
         assert proc.stdout.readline().strip() == "ready"
         tree = _wait_for(lambda: (t := lifecycle.descendants(proc.pid)) and any(
             "Agent" in " ".join(lifecycle._cmdline(p)) for p in t) and t, 60, "Ray's agents")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _wait_for(lambda: not _survivors(tree), 10, f"Ray's processes to end: {_survivors(tree)}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill_and_expect_none_left(proc, tree, "Ray's processes")
 
 
 def test_a_stage_dies_with_its_killed_dvc(tmp_path):
@@ -129,7 +137,7 @@ def test_a_stage_dies_with_its_killed_dvc(tmp_path):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
     dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with _reaped(dvc):
         def stage():
             for pid in lifecycle.descendants(dvc.pid):
                 if "stages.ingest" in " ".join(lifecycle._cmdline(pid)):
@@ -138,11 +146,4 @@ def test_a_stage_dies_with_its_killed_dvc(tmp_path):
 
         stage_pid = _wait_for(stage, 120, "dvc to start the ingest stage")
         time.sleep(1.0)  # the stage has started its reaper
-        tree = lifecycle.descendants(dvc.pid)
-        os.kill(dvc.pid, signal.SIGKILL)
-        dvc.wait()
-        _wait_for(lambda: not _survivors(tree), 10, f"the stage (pid {stage_pid}) to end: {_survivors(tree)}")
-    finally:
-        if dvc.poll() is None:
-            dvc.kill()
-            dvc.wait()
+        _kill_and_expect_none_left(dvc, lifecycle.descendants(dvc.pid), f"the stage (pid {stage_pid})")

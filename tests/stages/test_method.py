@@ -149,7 +149,7 @@ def test_params_schema_of_the_methods():
         parse_params(make_params(methods={"cell": [0, MAT]}))
     with pytest.raises(ConfigError, match="methods.compare.0"):
         parse_params(make_params(methods={"compare": ["mlb"]}))
-    with pytest.raises(ConfigError, match=r"methods.mam: Value error, segmenter 'sam' needs sam_checkpoint"):
+    with pytest.raises(ConfigError, match=r"methods.mam: segmenter 'sam' needs sam_checkpoint"):
         parse_params(make_params(methods={"mam": {"segmenter": "sam"}}))
     with pytest.raises(ConfigError, match=r"^.*\n  method: Input should be"):
         parse_params(make_params(method="modnet"))
@@ -251,10 +251,12 @@ def test_mgm_wild_self_trains_on_the_seg_subset(world, trained):
 def test_mgm_wild_resume_restores_the_ema_teacher_and_the_natural_stream(world, trained, tmp_path):
     raw = make_params(methods={"compare": COMPARED, "cell": [SEG, MAT], "iters": 4})
     straight, first, second = [], [], []
-    _, _ = run_method(world, "mgm_wild", record=straight, raw=raw, models_root=str(world["models"]))
+    for root in ("straight", "models"):  # the seg-pretrained start, in two fresh models roots
+        (tmp_path / root / "seed0" / "pretrain").mkdir(parents=True)
+        (tmp_path / root / "seed0" / "pretrain" / f"seg{SEG}").symlink_to(
+            world["models"] / "seed0" / "pretrain" / f"seg{SEG}")
+    _, _ = run_method(world, "mgm_wild", record=straight, raw=raw, models_root=str(tmp_path / "straight"))
     models = tmp_path / "models"
-    (models / "seed0" / "pretrain").mkdir(parents=True)
-    (models / "seed0" / "pretrain" / f"seg{SEG}").symlink_to(world["models"] / "seed0" / "pretrain" / f"seg{SEG}")
     with pytest.raises(RuntimeError, match="injected failure at step 3"):
         run_method(world, "mgm_wild", record=first, fail_at=3, raw=raw, models_root=str(models))
     state = models / "seed0" / "methods" / "mgm_wild" / f"seg{SEG}-mat{MAT}" / "state.pt"

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -270,14 +275,23 @@ def test_teacher_resume_continues_at_saved_step_with_the_same_losses(world):
     assert MlflowClient().get_run(failed_run).info.status == "FINISHED"
 
 
+def sigkill_pretrain_when(cmd: list[str], marker: Path) -> None:
+    """Run ``python -m stages.pretrain CMD`` as its own process and SIGKILL it as soon as
+    ``marker`` (its state.pt or run.json) exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *cmd], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists(), f"the stage never wrote {marker.name}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 def test_sigkilled_process_resumes_from_its_last_state(world, pretrained, capsys):
     """A real kill: SIGKILL the stage process once a state exists, re-run, it continues."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     raw = make_params(pretrain={"iters": 30, "checkpoint_every": 2})
     params_file = world["root"] / "params-kill.yaml"
     params_file.write_text(yaml.safe_dump(raw))
@@ -285,17 +299,7 @@ def test_sigkilled_process_resumes_from_its_last_state(world, pretrained, capsys
     cmd = ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(world["data"]),
            "--models-root", str(models), "--device", "cpu"]
     state = models / "seed0" / "pretrain" / f"seg{SEG}" / "state.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *cmd], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert state.exists(), "the stage never wrote a resumable state"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    sigkill_pretrain_when(cmd, state)
     saved = read_checkpoint(state)["step"]
     assert 2 <= saved < 30 and not (state.parent / "model.pt").exists()
     assert main(["pretrain", *cmd]) == 0
@@ -308,12 +312,6 @@ def test_a_killed_run_does_not_resume_on_other_data_with_the_same_keys(world, ca
     """Issue 16 item 1: SIGKILL pre-training on data A, rebuild the set with other pixels
     under the same keys (a new synthetic seed), re-run: it must start afresh and end with
     the weights of a clean run on the new data, not resume steps taken on A."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     raw = make_params(pretrain={"iters": 24, "checkpoint_every": 2})
     params_file = world["root"] / "params-other-data.yaml"
     params_file.write_text(yaml.safe_dump(raw))
@@ -326,17 +324,7 @@ def test_a_killed_run_does_not_resume_on_other_data_with_the_same_keys(world, ca
                 "--models-root", str(models_root), "--device", "cpu"]
 
     state = models / "seed0" / "pretrain" / f"seg{SEG}" / "state.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *cmd(models)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert state.exists(), "the stage never wrote a resumable state"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    sigkill_pretrain_when(cmd(models), state)
     seg_index = json.loads((data / "shards" / "seg" / "index.json").read_text())
     shutil.rmtree(data)
     make_data(data, seed=1)  # same keys, same order, other pixels
@@ -355,12 +343,6 @@ def test_a_killed_run_does_not_resume_on_other_data_with_the_same_keys(world, ca
 def test_a_run_killed_before_its_first_state_is_closed_not_left_running(world):
     """chaos: a training process SIGKILLed before it saved a resumable state left its MLflow
     run RUNNING for ever beside the run that replaced it."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     raw = make_params(pretrain={"iters": 400, "checkpoint_every": 1000})
     params_file = world["root"] / "params-abandoned.yaml"
     params_file.write_text(yaml.safe_dump(raw))
@@ -368,16 +350,7 @@ def test_a_run_killed_before_its_first_state_is_closed_not_left_running(world):
     cmd = ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(world["data"]),
            "--models-root", str(models), "--device", "cpu"]
     run_json = models / "seed0" / "pretrain" / f"seg{SEG}" / "run.json"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *cmd], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not run_json.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert run_json.exists(), "the stage never wrote run.json"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    sigkill_pretrain_when(cmd, run_json)
     killed = json.loads(run_json.read_text())
     assert killed["status"] == "RUNNING" and not (run_json.parent / "state.pt").exists()
     assert main(["pretrain", *cmd, "--iters", "3"]) == 0
@@ -386,6 +359,29 @@ def test_a_run_killed_before_its_first_state_is_closed_not_left_running(world):
     new_id = json.loads(run_json.read_text())["run_id"]
     assert old.info.status == "KILLED" and old.data.tags["replaced_by"] == new_id
     assert client.get_run(new_id).info.status == "FINISHED"
+
+
+def test_a_finished_run_killed_before_dvc_recorded_it_is_not_trained_again(world, capsys):
+    """chaos: a teacher killed after writing model.pt but before dvc committed the stage was
+    trained again on the rerun: same weights, a second FINISHED MLflow run."""
+    raw = make_params(teacher={"iters": 3, "checkpoint_every": 2})
+    root = world["root"] / "finished-twice"
+    client = MlflowClient()
+    _, first = run_job(teacher, world, 0, MAT, raw=raw, models_root=root)
+    run = client.get_run(first["run_id"])
+
+    def runs_named():
+        return len(client.search_runs([run.info.experiment_id], f"attributes.run_name = '{run.info.run_name}'"))
+
+    before = runs_named()
+    capsys.readouterr()
+    _, again = run_job(teacher, world, 0, MAT, raw=raw, models_root=root)
+    assert "not training it again" in capsys.readouterr().out
+    assert again["reused"] and again["run_id"] == first["run_id"] and again["step"] == 3
+    assert runs_named() == before
+    raw["train"]["teacher"]["lr"] = 1e-3  # another configuration trains
+    _, other = run_job(teacher, world, 0, MAT, raw=raw, models_root=root)
+    assert not other.get("reused") and other["run_id"] != first["run_id"]
 
 
 def test_a_state_from_another_configuration_is_not_resumed(world):
@@ -656,11 +652,6 @@ def test_a_corrupted_resumable_state_is_ignored_with_a_message(world, capsys):
 
 def test_a_stage_instance_being_trained_by_a_live_process_is_refused(world, pretrained):
     """A second process on the same stage instance is refused at once; the lock dies with its holder."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from matting_pipeline.trainer import LOCK_NAME
 
     raw = make_params(teacher={"iters": 2})
