@@ -427,23 +427,39 @@ def result_fingerprint(job: TrainingJob) -> str:
 
 
 def _already_trained(job: TrainingJob) -> dict[str, Any] | None:
-    """The result of a finished run of this very job (same :func:`result_fingerprint`, run.json
-    FINISHED with the model's run id), when its process was killed after ``model.pt`` was
-    written but before DVC recorded the stage: training again would give the same weights
-    and a second FINISHED MLflow run."""
-    model_path = Path(job.out_dir) / MODEL_NAME
+    """The result of a finished run of this very job (``model.pt`` with the same
+    :func:`result_fingerprint`), when its process was killed after writing ``model.pt`` but
+    before DVC recorded the stage: training again would give the same weights and a second
+    FINISHED MLflow run. What the killed process had left to do is done here: its MLflow
+    run gets the checkpoint artifact and FINISHED, ``run.json`` says FINISHED, ``state.pt`` goes."""
+    out_dir = Path(job.out_dir)
+    model_path = out_dir / MODEL_NAME
     if not model_path.is_file():
         return None
     try:
         extra = read_checkpoint(model_path).get("extra", {})
-        info = json.loads((Path(job.out_dir) / RUN_NAME).read_text())
-    except (CheckpointError, OSError, ValueError):
+    except CheckpointError:
         return None
-    if extra.get("result_fingerprint") != result_fingerprint(job) or info.get("status") != "FINISHED" \
-            or info.get("run_id") != extra.get("run_id"):
+    if extra.get("result_fingerprint") != result_fingerprint(job) or not extra.get("run_id"):
         return None
-    step = int(extra.get("step", 0))
-    return {"run_id": extra["run_id"], "model_path": model_path, "start_step": step, "step": step,
+    run_id, step = extra["run_id"], int(extra.get("step", 0))
+    info = {"run_id": run_id, "parent_run_id": None, "experiment": job.experiment, "experiment_id": None,
+            "run_name": job.run_name, "tracking_uri": tracking.tracking_uri()}
+    try:
+        from mlflow.tracking import MlflowClient
+
+        tracking.setup(job.experiment)
+        client = MlflowClient()
+        run = client.get_run(run_id)
+        info.update(parent_run_id=run.data.tags.get("mlflow.parentRunId"), experiment_id=run.info.experiment_id)
+        if run.info.status != "FINISHED":
+            client.log_artifact(run_id, str(model_path), artifact_path="checkpoint")
+            client.set_terminated(run_id, "FINISHED")
+    except Exception:  # noqa: BLE001 - a run in another store: the model stands on its own
+        pass
+    write_json(out_dir / RUN_NAME, {**info, "status": "FINISHED", "step": step})
+    (out_dir / STATE_NAME).unlink(missing_ok=True)
+    return {"run_id": run_id, "model_path": model_path, "start_step": step, "step": step,
             "resumed": False, "reused": True, "final_loss": extra.get("final_loss")}
 
 
