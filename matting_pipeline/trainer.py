@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -426,6 +427,23 @@ def result_fingerprint(job: TrainingJob) -> str:
     return hashlib.sha256(f"{job.fingerprint()} {code}".encode()).hexdigest()
 
 
+# A second name for the last finished model.pt (a hard link: no extra disk). DVC deletes a
+# stage's outs before it runs the stage again, so a stage killed after finishing but before
+# DVC recorded it would otherwise train again from scratch.
+FINISHED_NAME = ".model.finished.pt"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content atomically: a hard link where the filesystem has them."""
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _already_trained(job: TrainingJob) -> dict[str, Any] | None:
     """The result of a finished run of this very job (``model.pt`` with the same
     :func:`result_fingerprint`), when its process was killed after writing ``model.pt`` but
@@ -434,14 +452,18 @@ def _already_trained(job: TrainingJob) -> dict[str, Any] | None:
     run gets the checkpoint artifact and FINISHED, ``run.json`` says FINISHED, ``state.pt`` goes."""
     out_dir = Path(job.out_dir)
     model_path = out_dir / MODEL_NAME
-    if not model_path.is_file():
+    wanted = result_fingerprint(job)
+    for candidate in (model_path, out_dir / FINISHED_NAME):
+        try:
+            extra = read_checkpoint(candidate).get("extra", {}) if candidate.is_file() else {}
+        except CheckpointError:
+            extra = {}
+        if extra.get("result_fingerprint") == wanted and extra.get("run_id"):
+            break
+    else:
         return None
-    try:
-        extra = read_checkpoint(model_path).get("extra", {})
-    except CheckpointError:
-        return None
-    if extra.get("result_fingerprint") != result_fingerprint(job) or not extra.get("run_id"):
-        return None
+    if candidate != model_path:  # DVC removed its out before re-running the stage: put it back
+        _link_or_copy(candidate, model_path)
     run_id, step = extra["run_id"], int(extra.get("step", 0))
     info = {"run_id": run_id, "parent_run_id": None, "experiment": job.experiment, "experiment_id": None,
             "run_name": job.run_name, "tracking_uri": tracking.tracking_uri()}
@@ -661,6 +683,7 @@ def _finish(job: TrainingJob, run: _Run) -> None:
         **{k: v for k, v in job.run_params.items() if isinstance(v, (str, int, float, bool))},
     }
     save_checkpoint(run.model_path, run.model, run.model.network_spec, extra)
+    _link_or_copy(run.model_path, run.model_path.with_name(FINISHED_NAME))
     run.logger.finish("FINISHED", artifact=run.model_path)
     run.write_run_json(job, "FINISHED")
     run.state_path.unlink(missing_ok=True)

@@ -378,12 +378,16 @@ def test_a_finished_run_killed_before_dvc_recorded_it_is_not_trained_again(world
     client.update_run(first["run_id"], status="RUNNING")
     run_json = first["model_path"].parent / "run.json"
     run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "status": "RUNNING"}))
+    weights = load_model(first["model_path"])[0].state_dict()
+    first["model_path"].unlink()  # and DVC deletes a stage's outs before it runs it again
     capsys.readouterr()
     _, again = run_job(teacher, world, 0, MAT, raw=raw, models_root=root)
     assert "not training it again" in capsys.readouterr().out
     assert again["reused"] and again["run_id"] == first["run_id"] and again["step"] == 3
     assert runs_named() == before and client.get_run(first["run_id"]).info.status == "FINISHED"
     assert json.loads(run_json.read_text())["status"] == "FINISHED"
+    for (name, a), b in zip(load_model(first["model_path"])[0].state_dict().items(), weights.values()):
+        assert torch.equal(a, b), name
     raw["train"]["teacher"]["lr"] = 1e-3  # another configuration trains
     _, other = run_job(teacher, world, 0, MAT, raw=raw, models_root=root)
     assert not other.get("reused") and other["run_id"] != first["run_id"]
