@@ -197,13 +197,15 @@ def install(name: str = "stage") -> subprocess.Popen | None:
 # ----------------------------------------------------------------------------- the reaper
 
 
-def _kill(targets: dict[int, int]) -> int:
-    killed = 0
+def _kill(targets: dict[int, int]) -> list[str]:
+    """SIGKILL the live processes of ``targets`` (pid and start time match); their names."""
+    killed = []
     for pid, start in targets.items():
         if pid != os.getpid() and alive(pid, start):
+            name = (_cmdline(pid) or ["?"])[0]
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
+                killed.append(Path(name).name if name.startswith("/") else name)
             except ProcessLookupError:
                 pass
     return killed
@@ -237,7 +239,7 @@ def reap(stage: str, token: str, watched: Iterable[str], name: str = "stage") ->
             tree = {p: s for p, s in tree.items() if alive(p, s)}
             next_tree = now + _TREE_EVERY_S
         time.sleep(_POLL_S)
-    killed = 0
+    killed: list[str] = []
     for _ in range(3):  # again while processes were forking as their parents were killed
         now_killed = _kill({**tree, **_carrying(token)})
         if not now_killed:
@@ -245,11 +247,13 @@ def reap(stage: str, token: str, watched: Iterable[str], name: str = "stage") ->
         killed += now_killed
         time.sleep(0.2)
     if killed or reason != "ended":
+        what = f"stopped {len(killed)} process(es) it had started: {', '.join(sorted(set(killed)))}" if killed \
+            else "nothing else was running"
         try:
-            print(f"[{name}] {reason}: killed {killed} process(es) it left running", file=sys.stderr, flush=True)
+            print(f"[{name}] {reason}; {what}", file=sys.stderr, flush=True)
         except OSError:
             pass
-    return killed
+    return len(killed)
 
 
 if __name__ == "__main__":
