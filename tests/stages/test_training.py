@@ -275,6 +275,17 @@ def test_teacher_resume_continues_at_saved_step_with_the_same_losses(world):
     assert MlflowClient().get_run(failed_run).info.status == "FINISHED"
 
 
+def pretrain_command(world, name: str, data=None, **pretrain) -> tuple[list[str], Path]:
+    """``params-<name>.yaml`` with ``train.pretrain`` overrides, the stage's arguments for a
+    models root ``<name>-models`` and the instance's output folder."""
+    params_file = world["root"] / f"params-{name}.yaml"
+    params_file.write_text(yaml.safe_dump(make_params(pretrain=pretrain)))
+    models = world["root"] / f"{name}-models"
+    cmd = ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(data or world["data"]),
+           "--models-root", str(models), "--device", "cpu"]
+    return cmd, models / "seed0" / "pretrain" / f"seg{SEG}"
+
+
 def sigkill_pretrain_when(cmd: list[str], marker: Path) -> None:
     """Run ``python -m stages.pretrain CMD`` as its own process and SIGKILL it as soon as
     ``marker`` (its state.pt or run.json) exists."""
@@ -292,13 +303,8 @@ def sigkill_pretrain_when(cmd: list[str], marker: Path) -> None:
 
 def test_sigkilled_process_resumes_from_its_last_state(world, pretrained, capsys):
     """A real kill: SIGKILL the stage process once a state exists, re-run, it continues."""
-    raw = make_params(pretrain={"iters": 30, "checkpoint_every": 2})
-    params_file = world["root"] / "params-kill.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
-    models = world["root"] / "killed-models"
-    cmd = ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(world["data"]),
-           "--models-root", str(models), "--device", "cpu"]
-    state = models / "seed0" / "pretrain" / f"seg{SEG}" / "state.pt"
+    cmd, out_dir = pretrain_command(world, "killed", iters=30, checkpoint_every=2)
+    state = out_dir / "state.pt"
     sigkill_pretrain_when(cmd, state)
     saved = read_checkpoint(state)["step"]
     assert 2 <= saved < 30 and not (state.parent / "model.pt").exists()
@@ -312,30 +318,22 @@ def test_a_killed_run_does_not_resume_on_other_data_with_the_same_keys(world, ca
     """Issue 16 item 1: SIGKILL pre-training on data A, rebuild the set with other pixels
     under the same keys (a new synthetic seed), re-run: it must start afresh and end with
     the weights of a clean run on the new data, not resume steps taken on A."""
-    raw = make_params(pretrain={"iters": 24, "checkpoint_every": 2})
-    params_file = world["root"] / "params-other-data.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
     data = world["root"] / "data-other"
     make_data(data, seed=0)
-    models, clean = world["root"] / "other-data-models", world["root"] / "other-data-clean"
-
-    def cmd(models_root):
-        return ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(data),
-                "--models-root", str(models_root), "--device", "cpu"]
-
-    state = models / "seed0" / "pretrain" / f"seg{SEG}" / "state.pt"
-    sigkill_pretrain_when(cmd(models), state)
+    cmd, out_dir = pretrain_command(world, "other-data", data=data, iters=24, checkpoint_every=2)
+    clean_cmd, clean_dir = pretrain_command(world, "other-data-clean", data=data, iters=24, checkpoint_every=2)
+    sigkill_pretrain_when(cmd, out_dir / "state.pt")
     seg_index = json.loads((data / "shards" / "seg" / "index.json").read_text())
     shutil.rmtree(data)
     make_data(data, seed=1)  # same keys, same order, other pixels
     assert json.loads((data / "shards" / "seg" / "index.json").read_text())["order"] == seg_index["order"]
     capsys.readouterr()
-    assert main(["pretrain", *cmd(models)]) == 0
+    assert main(["pretrain", *cmd]) == 0
     out = capsys.readouterr().out
     assert "resuming" not in out and "belongs to another configuration" in out
-    assert main(["pretrain", *cmd(clean)]) == 0
-    resumed, _ = load_model(state.parent / "model.pt")
-    fresh, _ = load_model(clean / "seed0" / "pretrain" / f"seg{SEG}" / "model.pt")
+    assert main(["pretrain", *clean_cmd]) == 0
+    resumed, _ = load_model(out_dir / "model.pt")
+    fresh, _ = load_model(clean_dir / "model.pt")
     for (name, a), b in zip(resumed.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs from a clean run on the new data"
 
@@ -343,13 +341,8 @@ def test_a_killed_run_does_not_resume_on_other_data_with_the_same_keys(world, ca
 def test_a_run_killed_before_its_first_state_is_closed_not_left_running(world):
     """chaos: a training process SIGKILLed before it saved a resumable state left its MLflow
     run RUNNING for ever beside the run that replaced it."""
-    raw = make_params(pretrain={"iters": 400, "checkpoint_every": 1000})
-    params_file = world["root"] / "params-abandoned.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
-    models = world["root"] / "abandoned-models"
-    cmd = ["--seg", str(SEG), "--params", str(params_file), "--data-root", str(world["data"]),
-           "--models-root", str(models), "--device", "cpu"]
-    run_json = models / "seed0" / "pretrain" / f"seg{SEG}" / "run.json"
+    cmd, out_dir = pretrain_command(world, "abandoned", iters=400, checkpoint_every=1000)
+    run_json = out_dir / "run.json"
     sigkill_pretrain_when(cmd, run_json)
     killed = json.loads(run_json.read_text())
     assert killed["status"] == "RUNNING" and not (run_json.parent / "state.pt").exists()
