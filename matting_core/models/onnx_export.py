@@ -21,11 +21,33 @@ from torch import nn
 
 from .unet import AlphaOnly
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "onnx_parity"]
+__all__ = ["DEFAULT_OPSET", "GUIDANCE_INPUTS", "export_onnx", "onnx_parity", "sample_guidance"]
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
 OUTPUT_NAME = "alpha"
+
+
+GUIDANCE_INPUTS = ("trimap", "mask")
+
+
+class GuidedAlpha(nn.Module):
+    """Export wrapper of a guided method: ``(image (N,3,H,W), guidance (N,1,H,W)) → alpha``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        return self.model(image, guidance)["alpha"]
+
+
+def sample_guidance(kind: str, n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
+    """A random guidance of ``kind`` in the model's format: a trimap of 0 / 0.5 / 1 regions,
+    or a 0/1 mask, (N, 1, H, W) float32 (blocky, so every class covers whole patches)."""
+    coarse = torch.randint(0, 3 if kind == "trimap" else 2, (n, 1, max(1, h // 8), max(1, w // 8)), generator=generator)
+    full = torch.nn.functional.interpolate(coarse.float(), size=(h, w), mode="nearest")
+    return full / 2.0 if kind == "trimap" else full
 
 
 def export_onnx(
@@ -33,22 +55,37 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     sample_hw: tuple[int, int] = (72, 88),
     metadata: Mapping[str, Any] | None = None,
+    guidance: str | None = None,
 ) -> bytes:
     """Serialise ``model`` (a network returning ``{"alpha", ...}``) as ONNX bytes.
 
     Input ``image`` float32 (N, 3, H, W), dynamic N/H/W; output ``alpha`` (N, 1, H, W) in [0, 1].
+    ``guidance``: ``"trimap"`` or ``"mask"`` for a guided method (DIM, AdaMatting: trimap;
+    MGM, MGM in the wild: mask): a second input of that name, float32 (N, 1, H, W) in the
+    model's format (trimap 0 / 0.5 / 1, mask 0 / 1), same dynamic axes.
     ``metadata`` (e.g. the network spec) is written to the model's metadata_props as JSON
     strings. The model is exported on CPU in eval mode (BN uses running statistics); the
     caller's module is not modified.
     """
     from torch.export import Dim
 
-    wrapper = AlphaOnly(model).to("cpu").eval()
+    if guidance is not None and guidance not in GUIDANCE_INPUTS:
+        raise ValueError(f"guidance input must be one of {GUIDANCE_INPUTS}, got {guidance!r}")
+    generator = torch.Generator().manual_seed(0)
     # Sample size not a multiple of 32 and batch 2, so nothing specialises to a constant.
-    sample = torch.rand(2, 3, *sample_hw, generator=torch.Generator().manual_seed(0))
+    sample = torch.rand(2, 3, *sample_hw, generator=generator)
     # Dim.DYNAMIC (not named Dims): torch 2.13's constraint solver fails on the derived pad
     # expressions with named Dims at sample sizes that are not multiples of 32.
     dynamic = {INPUT_NAME: {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}
+    if guidance is None:
+        wrapper: nn.Module = AlphaOnly(model).to("cpu").eval()
+        args: tuple = (sample,)
+        names = [INPUT_NAME]
+    else:
+        wrapper = GuidedAlpha(model).to("cpu").eval()
+        args = (sample, sample_guidance(guidance, 2, *sample_hw, generator))
+        names = [INPUT_NAME, guidance]
+        dynamic = {"image": dynamic[INPUT_NAME], "guidance": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}
     # The exporter logs harmless warnings about optional torchvision ops; keep the CLI quiet.
     quiet = [logging.getLogger(n) for n in ("torch.onnx._internal.exporter._registration", "torch.onnx")]
     levels = [lg.level for lg in quiet]
@@ -59,9 +96,9 @@ def export_onnx(
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper,
-                (sample,),
+                args,
                 dynamo=True,
-                input_names=[INPUT_NAME],
+                input_names=names,
                 output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic,
                 opset_version=opset,
@@ -98,7 +135,7 @@ def _name_dynamic_dims(proto: Any) -> None:
                 if name is not None:
                     dim.Clear()
                     dim.dim_param = name
-    for value in proto.graph.value_info:
+    for value in [*proto.graph.value_info, *proto.graph.input]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
@@ -109,8 +146,10 @@ def onnx_parity(
     model: nn.Module,
     shapes: Iterable[tuple[int, int, int]] = ((1, 64, 96), (2, 100, 70)),
     seed: int = 0,
+    guidance: str | None = None,
 ) -> float:
-    """Max |alpha_onnxruntime − alpha_torch| over random inputs of the given (N, H, W).
+    """Max |alpha_onnxruntime − alpha_torch| over random inputs of the given (N, H, W)
+    (with a random ``guidance`` trimap or mask for a guided method, :func:`export_onnx`).
 
     ``onnx_model`` is ONNX bytes or a file path. Runs onnxruntime on CPU, torch in eval mode.
     """
@@ -122,9 +161,15 @@ def onnx_parity(
     worst = 0.0
     for n, h, w in shapes:
         image = torch.rand(n, 3, h, w, generator=generator)
+        feeds = {INPUT_NAME: image.numpy()}
         with torch.inference_mode():
-            expected = model(image)["alpha"].numpy()
-        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: image.numpy()})
+            if guidance is None:
+                expected = model(image)["alpha"].numpy()
+            else:
+                guide = sample_guidance(guidance, n, h, w, generator)
+                feeds[guidance] = guide.numpy()
+                expected = model(image, guide)["alpha"].numpy()
+        (got,) = session.run([OUTPUT_NAME], feeds)
         if got.shape != expected.shape:
             raise AssertionError(f"ONNX output shape {got.shape} != torch {expected.shape} for input {(n, 3, h, w)}")
         worst = max(worst, float(np.abs(got - expected).max()))

@@ -103,3 +103,39 @@ def test_a_corrupted_or_pickled_checkpoint_is_refused_naming_the_file(tmp_path, 
     truncated.write_bytes(save_checkpoint(tmp_path / "ok.pt", model).read_bytes()[:1500])
     assert main(["export", "--checkpoint", str(truncated), "--output", str(out)]) == 2
     assert "cut.pt cannot be read as a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, guidance", [("dim", "trimap"), ("adamatting", "trimap"), ("mgm", "mask"),
+                                              ("mgm_wild", "mask")])
+def test_every_guided_method_exports_its_guidance_as_a_named_input(tmp_path, capsys, method, guidance):
+    """Issue 15 item 4: a related method's checkpoint exports with its guidance as a second
+    ONNX input and passes the same parity check (ONNX Runtime vs PyTorch) at new sizes."""
+    from matting_core.methods import get_method
+    from matting_core.models.onnx_export import sample_guidance
+
+    torch.manual_seed(0)
+    m = get_method(method)
+    model = m.build(m.method_spec(network="unet_r18x0.25")).eval()
+    checkpoint = save_checkpoint(tmp_path / "model.pt", model)
+    output = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(output)]) == 0
+    assert f"inputs image + {guidance}" in capsys.readouterr().out
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image", guidance]
+    generator = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 3, 45, 77, generator=generator)
+    guide = sample_guidance(guidance, 1, 45, 77, generator)
+    with torch.no_grad():
+        expected = model(image, guide)["alpha"].numpy()
+    (got,) = session.run(["alpha"], {"image": image.numpy(), guidance: guide.numpy()})
+    assert got.shape == (1, 1, 45, 77)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_mam_checkpoint_is_refused_with_the_reason(tmp_path, capsys):
+    from matting_core.methods import get_method
+
+    m = get_method("mam")
+    checkpoint = save_checkpoint(tmp_path / "mam.pt", m.build(m.method_spec(network="unet_r18x0.25")))
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "mam.onnx")]) == 2
+    assert "is a MAM model" in capsys.readouterr().err and not (tmp_path / "mam.onnx").exists()
