@@ -407,6 +407,11 @@ def log_to_mlflow(params, result: dict, eval_dir: Path) -> str:
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, seed) for k, v in metrics.items()])
     client.set_tag(run_id, "kind", result["kind"])
     client.set_tag(run_id, "primary_model", result["primary"])
+    # the cell's models belong to params `method` (mlb unless the study trains a related
+    # method everywhere): a `params.method` query then finds these next to the compared methods' runs
+    client.set_tag(run_id, "method", params.method)
+    if "method" not in client.get_run(run_id).data.params:  # params are write-once in MLflow
+        client.log_param(run_id, "method", params.method)
     if eval_dir.is_dir():
         client.log_artifacts(run_id, str(eval_dir), artifact_path=f"evaluation/seed{seed}")
     return run_id

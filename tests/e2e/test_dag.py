@@ -102,6 +102,11 @@ def test_mlflow_holds_one_parent_run_per_cell_with_nested_training(study):
             assert row["metrics.natural/whole/sad"] >= 0
         both = cells[cells["tags.cell"] == "seg12-mat4"].iloc[0]
         assert both["params.seg_count"] == "12" and both["params.mat_count"] == "4"
+        # one query over params.method compares MLB's cells with the related methods' runs (issue 15 item 5)
+        scored = mlflow.search_runs(experiment_names=["tiny-study"],
+                                    filter_string="metrics.`natural/boundary/mse` >= 0")
+        by_method = scored.groupby("params.method").size().to_dict()
+        assert by_method["mlb"] == len(CELLS) and {"dim", "adamatting", "mgm", "mgm_wild", "mam"} <= set(by_method)
         children = mlflow.search_runs(
             experiment_names=["tiny-study"], filter_string=f"tags.mlflow.parentRunId = '{both['run_id']}'"
         )
