@@ -499,7 +499,25 @@ def _run_cell(args: argparse.Namespace, params) -> int:
     if not args.no_mlflow:
         run_id = log_to_mlflow(params, result, _layout(args).cell_eval_dir(args.seg, args.mat))
         print(f"MLflow cell run {run_id}")
+        if result["kind"] == "both" and params.evaluate.register:
+            register(params, result)
     return 0
+
+
+def register(params, result: dict) -> None:
+    """The cell's student as a version of ``evaluate.registered_model``; the champion alias follows."""
+    from matting_pipeline import registry
+
+    primary = result["models"][result["primary"]]
+    tags = {"cell": result["cell"], "seed": result.get("seed", 0), "experiment": params.study.experiment}
+    natural = primary["sets"].get("natural")
+    if natural is not None:
+        tags.update(natural_whole_mse=natural["whole"]["mse"], **{registry.METRIC_TAG: natural["boundary"]["mse"]})
+    name = params.evaluate.registered_model
+    version = registry.register_student(name, primary["checkpoint"], None, tags)
+    champion = registry.update_champion(name)
+    print(f"MLflow Model Registry: {name} version {version}; champion = version {champion} "
+          f"(load: mlflow.pyfunc.load_model('models:/{name}@{registry.CHAMPION}'))")
 
 
 def _layout(args: argparse.Namespace) -> Layout:
