@@ -225,7 +225,7 @@ class EvaluateConfig(_Section):
     save_predictions: int = Field(4, ge=0, description="prediction images saved per val set")
     fps_size: int = Field(512, ge=32)
     fps_iters: int = Field(5, ge=1)
-    register: bool = Field(
+    register_models: bool = Field(
         True, description="register every both-cell student in the MLflow Model Registry (ONNX flavour) and "
         "point the alias 'champion' at the lowest natural boundary MSE (matting_pipeline/registry.py)",
     )

@@ -499,12 +499,12 @@ def _run_cell(args: argparse.Namespace, params) -> int:
     if not args.no_mlflow:
         run_id = log_to_mlflow(params, result, _layout(args).cell_eval_dir(args.seg, args.mat))
         print(f"MLflow cell run {run_id}")
-        if result["kind"] == "both" and params.evaluate.register:
-            register(params, result)
+        if result["kind"] == "both" and params.evaluate.register_models:
+            register_student(params, result)
     return 0
 
 
-def register(params, result: dict) -> None:
+def register_student(params, result: dict) -> None:
     """The cell's student as a version of ``evaluate.registered_model``; the champion alias follows."""
     from matting_pipeline import registry
 
