@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
+
+from matting_core.models.onnx_export import GuidedAlpha
 
 from . import build_tiny
 
@@ -16,22 +17,13 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-class _AlphaOf(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(image, mask)["alpha"]
-
-
 def test_mgm_exports_with_dynamic_sizes_and_matches_onnxruntime():
     from torch.export import Dim
 
-    model = _AlphaOf(build_tiny("mgm", test_band_widths=[3, 2])).eval()
+    model = GuidedAlpha(build_tiny("mgm", test_band_widths=[3, 2])).eval()
     g = torch.Generator().manual_seed(0)
     sample = (torch.rand(2, 3, 72, 88, generator=g), (torch.rand(2, 1, 72, 88, generator=g) > 0.5).float())
-    dynamic = {name: {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC} for name in ("image", "mask")}
+    dynamic = {name: {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC} for name in ("image", "guidance")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
