@@ -172,7 +172,7 @@ def cutout_over(image: np.ndarray, alpha: np.ndarray, background: np.ndarray | t
     bg = cover_background(background, (height, width))
     out = np.empty_like(image)
     for start, stop in row_bands(height):
-        out[start:stop] = composite_rows(image[start:stop], alpha[start:stop], bg if isinstance(bg, tuple) else bg[start:stop])
+        out[start:stop] = composite_rows(image[start:stop], alpha[start:stop], bg, start)
     return out
 
 
@@ -187,10 +187,12 @@ def cover_background(background: np.ndarray | tuple[int, int, int], size_hw: tup
     return tuple(float(c) for c in colour)
 
 
-def composite_rows(image: np.ndarray, alpha: np.ndarray, background) -> np.ndarray:
-    """``round(α·I + (1 − α)·B)`` of a band of rows as uint8 RGB; ``background``: the band of
-    a fitted image, or an ``(r, g, b)`` tuple (:func:`cover_background`)."""
+def composite_rows(image: np.ndarray, alpha: np.ndarray, background, start: int = 0) -> np.ndarray:
+    """``round(α·I + (1 − α)·B)`` of the band of rows starting at row ``start`` as uint8 RGB;
+    ``background``: :func:`cover_background`'s full-size fitted image or ``(r, g, b)`` tuple."""
     a = np.clip(alpha, 0.0, 1.0)[..., None]
+    if not isinstance(background, tuple):
+        background = background[start:start + len(image)]
     bg = np.asarray(background, dtype=np.float32)
     out = a * image.astype(np.float32) + (1.0 - a) * bg
     return np.clip(np.round(out), 0, 255).astype(np.uint8)

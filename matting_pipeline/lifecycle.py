@@ -57,10 +57,15 @@ def _stat(pid: int) -> tuple[int, str, int] | None:
     return int(fields[1]), fields[0], int(fields[19])
 
 
+def _running(info: tuple[int, str, int] | None) -> bool:
+    """A :func:`_stat` of a process that exists and is not a zombie (or dead)."""
+    return info is not None and info[1] not in ("Z", "X")
+
+
 def alive(pid: int, start: int | None = None) -> bool:
     """Whether ``pid`` runs (a zombie does not) and, given ``start``, is the same process."""
     info = _stat(pid)
-    return info is not None and info[1] not in ("Z", "X") and (start is None or info[2] == start)
+    return _running(info) and (start is None or info[2] == start)
 
 
 def identity(pid: int) -> str | None:
@@ -83,7 +88,7 @@ def descendants(root: int) -> dict[int, int]:
     children: dict[int, list[tuple[int, int]]] = {}
     for pid in _all_pids():
         info = _stat(pid)
-        if info is not None and info[1] not in ("Z", "X"):
+        if _running(info):
             children.setdefault(info[0], []).append((pid, info[2]))
     found: dict[int, int] = {}
     todo = [root]

@@ -465,8 +465,7 @@ def _already_trained(job: TrainingJob) -> dict[str, Any] | None:
     if candidate != model_path:  # DVC removed its out before re-running the stage: put it back
         _link_or_copy(candidate, model_path)
     run_id, step = extra["run_id"], int(extra.get("step", 0))
-    info = {"run_id": run_id, "parent_run_id": None, "experiment": job.experiment, "experiment_id": None,
-            "run_name": job.run_name, "tracking_uri": tracking.tracking_uri()}
+    info = _run_info(job, run_id)
     try:
         from mlflow.tracking import MlflowClient
 
@@ -515,6 +514,13 @@ def _train_locked(job: TrainingJob, device: torch.device, on_step, progress: boo
         "resumed": run.start_step > 0,
         "final_loss": run.final_loss,
     }
+
+
+def _run_info(job: TrainingJob, run_id: str, parent_run_id: str | None = None,
+              experiment_id: str | None = None) -> dict[str, Any]:
+    """The MLflow identity of a run as ``run.json`` records it (plus status and step)."""
+    return {"run_id": run_id, "parent_run_id": parent_run_id, "experiment": job.experiment,
+            "experiment_id": experiment_id, "run_name": job.run_name, "tracking_uri": tracking.tracking_uri()}
 
 
 def _abandoned_run(out_dir: Path) -> str | None:
@@ -590,14 +596,7 @@ def _resume(job: TrainingJob, device: torch.device) -> _Run:
         start_step=start_step, step=start_step, saved_step=start_step,
     )
     run.logger = _RunLogger(job, resume_run_id, params, abandoned_run_id=_abandoned_run(out_dir))
-    run.run_info = {
-        "run_id": run.logger.run_id,
-        "parent_run_id": run.logger.parent_id,
-        "experiment": job.experiment,
-        "experiment_id": run.logger.experiment_id,
-        "run_name": job.run_name,
-        "tracking_uri": tracking.tracking_uri(),
-    }
+    run.run_info = _run_info(job, run.logger.run_id, run.logger.parent_id, run.logger.experiment_id)
     run.write_run_json(job, "RUNNING")
     return run
 

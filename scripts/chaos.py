@@ -47,10 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from matting_pipeline import lifecycle  # noqa: E402
-from tests.e2e.tiny import make_tiny_project, pipeline_env  # noqa: E402
+from tests.e2e.tiny import make_tiny_project, pipeline_env, without_clock_fields  # noqa: E402
 
 OUTPUT_DIRS = ("data", "models", "metrics", "eval", "reports")
-VOLATILE_KEYS = ("fps", "run_id")
 # In the HTML/Markdown report a clock decides the FPS figures (printed with one decimal;
 # metrics have three) and the "generated" time.
 _CLOCK = re.compile(r"\b\d+\.\d\b|\d{4}-\d\d-\d\d \d\d:\d\d(:\d\d)? UTC")
@@ -139,14 +138,6 @@ def chaos_run(root: Path, kills: int, rng: random.Random, max_delay: float, log)
 # ----------------------------------------------------------------------------- comparing
 
 
-def _drop(value):
-    if isinstance(value, dict):
-        return {k: _drop(v) for k, v in value.items() if k not in VOLATILE_KEYS}
-    if isinstance(value, list):
-        return [_drop(v) for v in value]
-    return value
-
-
 def fingerprint(path: Path) -> tuple[str, str]:
     """``(how it was compared, digest)`` of one output file."""
     name = path.name
@@ -160,10 +151,10 @@ def fingerprint(path: Path) -> tuple[str, str]:
         ckpt = read_checkpoint(path)
         return "tensors", json.dumps([ckpt.get("tensors_sha256"), ckpt.get("network_spec")], sort_keys=True, default=str)
     if path.suffix == ".json":
-        return "json less fps/run_id", json.dumps(_drop(json.loads(path.read_text())), sort_keys=True)
+        return "json less fps/run_id", json.dumps(without_clock_fields(json.loads(path.read_text())), sort_keys=True)
     if path.suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(path.read_text())))
-        return "csv less fps", json.dumps([_drop(r) for r in rows], sort_keys=True)
+        return "csv less fps", json.dumps([without_clock_fields(r) for r in rows], sort_keys=True)
     if path.suffix in (".html", ".md"):
         return "text, FPS and time masked", hashlib.sha256(_CLOCK.sub("#", path.read_text()).encode()).hexdigest()
     return "sha256", hashlib.sha256(path.read_bytes()).hexdigest()

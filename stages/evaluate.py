@@ -472,18 +472,15 @@ def run(args: argparse.Namespace) -> int:
         print("matting evaluate: error: --seg and --mat are required (or --method NAME for a compared method)",
               file=sys.stderr)
         return 2
-    from matting_core.checkpoint import CheckpointError
     from matting_pipeline.trainer import set_math_threads
 
+    # a corrupt checkpoint or an unreachable server raises a user error: `matting`'s entry
+    # (cli.main) prints it as one `matting evaluate: error: ...` line, exit 2
     params = load_params(args.params)
     set_math_threads(params.train.threads)  # metrics must not depend on the runner's thread count
-    try:
-        if not args.no_mlflow:
-            tracking.check_reachable()  # before the evaluation, not after it
-        return _run_method(args, params) if args.method is not None else _run_cell(args, params)
-    except (CheckpointError, tracking.TrackingUnreachable) as err:
-        print(f"matting evaluate: error: {err}", file=sys.stderr)
-        return 2
+    if not args.no_mlflow:
+        tracking.check_reachable()  # before the evaluation, not after it
+    return _run_method(args, params) if args.method is not None else _run_cell(args, params)
 
 
 def _run_cell(args: argparse.Namespace, params) -> int:
@@ -500,11 +497,11 @@ def _run_cell(args: argparse.Namespace, params) -> int:
         run_id = log_to_mlflow(params, result, _layout(args).cell_eval_dir(args.seg, args.mat))
         print(f"MLflow cell run {run_id}")
         if result["kind"] == "both" and params.evaluate.register_models:
-            register_student(params, result)
+            register_cell_student(params, result)
     return 0
 
 
-def register_student(params, result: dict) -> None:
+def register_cell_student(params, result: dict) -> None:
     """The cell's student as a version of ``evaluate.registered_model``; the champion alias follows."""
     from matting_pipeline import registry
 

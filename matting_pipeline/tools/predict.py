@@ -244,8 +244,7 @@ def write_outputs(image: np.ndarray, alpha_rows, background, alpha_path: Path, c
         alpha = alpha_rows(start, stop)
         alpha_u8[start:stop] = np.clip(np.round(alpha * 255.0), 0, 255)
         if bg is not None:
-            band = bg if isinstance(bg, tuple) else bg[start:stop]
-            image[start:stop] = composite_rows(image[start:stop], alpha, band)[:, :, ::-1]  # as BGR, for cv2
+            image[start:stop] = composite_rows(image[start:stop], alpha, bg, start)[:, :, ::-1]  # as BGR, for cv2
     with atomic_path(alpha_path) as tmp:
         if not cv2.imwrite(str(tmp), alpha_u8):
             raise OSError(f"cv2 could not write {tmp}")

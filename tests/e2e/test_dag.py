@@ -21,7 +21,7 @@ import sys
 import torch
 
 from matting_core.checkpoint import load_model
-from tests.e2e.tiny import make_tiny_project, pipeline_env
+from tests.e2e.tiny import make_tiny_project, pipeline_env, without_clock_fields
 
 pytestmark = pytest.mark.slow
 
@@ -170,15 +170,6 @@ def test_methods_comparison_rows_in_the_report(study):
     assert "Method comparison" in (root / "reports" / "index.html").read_text(encoding="utf-8")
 
 
-def _without_timings(value):
-    """A metrics document less what a clock (FPS) or MLflow (run ids) decides."""
-    if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if k not in ("fps", "run_id")}
-    if isinstance(value, list):
-        return [_without_timings(v) for v in value]
-    return value
-
-
 def test_flows_repro_trains_and_scores_exactly_what_dvc_repro_does(study, tmp_path_factory):
     """Issue 16 item 6: `flows.repro -j 2` (1 math thread per stage from the runner) and `dvc
     repro` (2 from the environment) trained different students; train.threads now decides."""
@@ -197,5 +188,5 @@ def test_flows_repro_trains_and_scores_exactly_what_dvc_repro_does(study, tmp_pa
     metrics = sorted(p.relative_to(root) for p in (root / "metrics").rglob("*.json"))
     assert metrics == sorted(p.relative_to(other) for p in (other / "metrics").rglob("*.json"))
     for rel in metrics:
-        assert _without_timings(json.loads((root / rel).read_text())) == _without_timings(
+        assert without_clock_fields(json.loads((root / rel).read_text())) == without_clock_fields(
             json.loads((other / rel).read_text())), rel

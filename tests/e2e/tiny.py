@@ -52,6 +52,19 @@ def pipeline_env(root: Path) -> dict[str, str]:
     return env
 
 
+CLOCK_FIELDS = ("fps", "run_id")
+
+
+def without_clock_fields(value):
+    """A metrics/findings document (or CSV rows) less what a clock or MLflow decides: FPS
+    figures and run ids, at any depth (two runs of the same pipeline agree on the rest)."""
+    if isinstance(value, dict):
+        return {k: without_clock_fields(v) for k, v in value.items() if k not in CLOCK_FIELDS}
+    if isinstance(value, list):
+        return [without_clock_fields(v) for v in value]
+    return value
+
+
 def make_tiny_project(dest: Path, **extra) -> Path:
     """Clone the committed project into ``dest`` with tiny params; returns ``dest``."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
