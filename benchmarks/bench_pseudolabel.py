@@ -42,7 +42,7 @@ from matting_core.checkpoint import load_model, save_checkpoint  # noqa: E402
 from matting_core.models import build_network  # noqa: E402
 from stages import pseudolabel as stage  # noqa: E402
 from matting_pipeline.config import parse_params  # noqa: E402
-from matting_pipeline.shards import ShardWriter, iter_encoded_samples, iter_samples, seeded_order, write_shard_set  # noqa: E402
+from matting_pipeline.shards import iter_samples, seeded_order, write_shard_set  # noqa: E402
 
 
 def make_inputs(root: Path, n: int, size: int, network: str, samples_per_shard: int) -> None:
@@ -62,28 +62,9 @@ def make_inputs(root: Path, n: int, size: int, network: str, samples_per_shard: 
 
 
 def plain_loop(plan: stage.Plan, out_dir: Path, batch_size: int, device: str) -> float:
-    """Single process, no Ray: read -> label (same per-batch function) -> write. Returns seconds."""
+    """Single process, no Ray (``stage.label_in_process``): read -> label -> write. Returns seconds."""
     start = time.perf_counter()
-    teacher, _ = load_model(plan.teacher_path, map_location=device)
-    teacher.requires_grad_(False)
-    with ShardWriter(out_dir, plan.cell, plan.samples_per_shard, plan.subset_seed) as writer:
-        batch: list[dict] = []
-
-        def flush() -> None:
-            encoded = stage.label_encoded_samples(
-                teacher, batch, plan.blend_mode, plan.blend_dilate, device=device, provenance=plan.provenance
-            )
-            for sample, members in zip(batch, encoded):
-                writer.add_encoded(sample["key"], members)
-            batch.clear()
-
-        for sample in iter_encoded_samples(plan.seg_dir, plan.keys):
-            batch.append({"key": sample["key"], "members": sample["members"]})
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
-        writer.set_order(plan.keys)
+    stage.label_in_process(plan, out_dir, batch_size, device)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start

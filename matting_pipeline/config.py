@@ -184,6 +184,16 @@ class TrainConfig(_Section):
     num_workers: int = Field(
         2, ge=0, description="DataLoader worker processes decoding shards (0 = in the training process)"
     )
+    cache_mb: int = Field(
+        512, ge=0,
+        description="decoded training samples kept in memory per loader process, MiB (0 = decode every "
+        "draw); does not change results",
+    )
+    channels_last: bool = Field(
+        True,
+        description="train in the channels-last memory layout (NHWC): ~20 % faster steps on CPU; the "
+        "weights differ from a channels-first run in the last bits, so it is a param",
+    )
     threads: int = Field(
         1, ge=0,
         description="math threads of every training and evaluation stage (torch.set_num_threads); CPU "

@@ -709,7 +709,8 @@ class ShardReader:
     ``key → role → (shard, byte offset, size, ext)``. :meth:`read` then seeks straight to a
     sample's members. Member names are checked as the shard reader does
     (:func:`parse_member_name`), so unsafe or unexpected names are refused.
-    File handles are opened lazily per process (safe with DataLoader workers).
+    File handles are opened lazily per process (safe with DataLoader workers) and read
+    with ``pread`` (safe from several threads: the trainer's prefetch thread).
 
     Args:
         set_dir: the shard set directory.
@@ -770,8 +771,7 @@ class ShardReader:
         fh = self._handles.get(shard)
         if fh is None:
             fh = self._handles[shard] = open(self.set_dir / shard, "rb")
-        fh.seek(offset)
-        data = fh.read(size)
+        data = os.pread(fh.fileno(), size, offset)  # positional: threads sharing a handle never race
         if len(data) != size:
             raise ShardError(f"{self.set_dir / shard}: truncated at byte {offset} (wanted {size})")
         return data

@@ -69,10 +69,11 @@ from matting_pipeline import tracking
 from matting_pipeline.atomic import write_json
 from matting_pipeline.cli import StageError, run_stage
 from matting_pipeline.layout import MODEL_NAME, RUN_NAME, STATE_NAME
-from matting_pipeline.views import ViewDataset, make_loader
+from matting_pipeline.views import Prefetcher, ViewDataset, make_loader
 
 __all__ = [
     "TrainingJob",
+    "apply_train_settings",
     "autocast_settings",
     "resolve_device",
     "run_training_stage",
@@ -175,6 +176,7 @@ class TrainingJob:
     optimizer_parameters: Callable[[], Any] | None = None
     aux_dataset: ViewDataset | None = None
     aux_prefix: str = "natural_"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if (self.objective is None) == (self.step_fn is None):
@@ -216,6 +218,8 @@ class TrainingJob:
             payload["method"] = self.method
         if self.dataset.guidance is not None:
             payload["guidance"] = [self.dataset.guidance_key, repr(self.dataset.guidance)]
+        if self.channels_last:
+            payload["channels_last"] = True
         if self.aux_dataset is not None:
             reader = self.aux_dataset.reader
             payload["aux"] = {
@@ -324,8 +328,18 @@ def _cell_budgets(job: TrainingJob) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- loop
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """The batch on ``device``; its images in the channels-last layout when the model is."""
+    if channels_last:
+        return {k: v.to(device, non_blocking=True, memory_format=torch.channels_last) if v.dim() == 4
+                else v.to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def place_model(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
+    """``model`` on ``device``, its weights channels-last when asked (params ``train.channels_last``)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 @dataclass
@@ -543,7 +557,7 @@ def _resume(job: TrainingJob, device: torch.device) -> _Run:
     state_path = out_dir / STATE_NAME
 
     torch.manual_seed(int(hyper["seed"]))
-    model = job.model.to(device)
+    model = place_model(job.model, device, job.channels_last)
     for module in job.modules.values():
         module.to(device)
     parameters = model.parameters() if job.optimizer_parameters is None else job.optimizer_parameters()
@@ -618,13 +632,14 @@ def _loop(job: TrainingJob, run: _Run, device: torch.device, on_step, progress: 
     loader_iter = aux_iter = None
     try:
         if run.step < iters:
-            loader_iter = iter(make_loader(job.dataset, batch_size, run.step, job.num_workers))
+            loader_iter = _batches(job.dataset, batch_size, run.step, job.num_workers)
             if job.aux_dataset is not None:
-                aux_iter = iter(make_loader(job.aux_dataset, batch_size, run.step, job.num_workers))
+                aux_iter = _batches(job.aux_dataset, batch_size, run.step, job.num_workers)
         while run.step < iters:
-            batch = _to_device(next(loader_iter), device)
+            batch = to_device(next(loader_iter), device, job.channels_last)
             if aux_iter is not None:
-                batch.update({f"{job.aux_prefix}{k}": v for k, v in _to_device(next(aux_iter), device).items()})
+                aux = to_device(next(aux_iter), device, job.channels_last)
+                batch.update({f"{job.aux_prefix}{k}": v for k, v in aux.items()})
             if job.prepare_batch is not None:
                 batch = job.prepare_batch(batch)
             lr = optimizer.param_groups[0]["lr"]
@@ -664,6 +679,27 @@ def _loop(job: TrainingJob, run: _Run, device: torch.device, on_step, progress: 
                 on_step(step, batch, terms)
     finally:
         bar.close()
+        for it in (loader_iter, aux_iter):
+            if isinstance(it, Prefetcher):
+                it.close()
+
+
+def _spare_core() -> bool:
+    """Whether this process may use more cores than torch's math threads take."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
+def _batches(dataset: ViewDataset, batch_size: int, start_step: int, num_workers: int):
+    """The loader's batches from ``start_step``. Without workers and with a core the math
+    threads leave free, the next batch is made in a thread while the step runs
+    (:class:`~matting_pipeline.views.Prefetcher`; where the math threads take every core,
+    the thread only takes time from them: measured by ``benchmarks/bench_training.py``)."""
+    batches = iter(make_loader(dataset, batch_size, start_step, num_workers))
+    return Prefetcher(batches) if num_workers == 0 and _spare_core() else batches
 
 
 def _finish(job: TrainingJob, run: _Run) -> None:
@@ -700,6 +736,17 @@ def set_math_threads(threads: int) -> None:
         torch.set_num_threads(int(threads))
 
 
+def apply_train_settings(job: TrainingJob, params) -> TrainingJob:
+    """The ``train`` params every stage's job shares: the memory layout
+    (``train.channels_last``) and the decoded-sample cache of its view streams
+    (``train.cache_mb``, which does not change results)."""
+    job.channels_last = bool(params.train.channels_last)
+    for dataset in (job.dataset, job.aux_dataset):
+        if dataset is not None:
+            dataset.enable_cache(int(params.train.cache_mb) << 20)
+    return job
+
+
 def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: str | None = None) -> int:
     """The ``run`` of every training stage: load params, pick the device, build the job
     with ``build_job(args, params, device)``, train, report where the model went."""
@@ -710,7 +757,7 @@ def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: s
         tracking.check_reachable()  # seconds, not minutes of retries after the data is loaded
         set_math_threads(params.train.threads)
         device = resolve_device(args.device or params.train.device)
-        result = train(build_job(args, params, device), device)
+        result = train(apply_train_settings(build_job(args, params, device), params), device)
         print(f"{label or stage}: wrote {result['model_path']} (MLflow run {result['run_id']})")
 
     return run_stage(stage, body)

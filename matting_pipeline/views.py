@@ -9,6 +9,7 @@ an uninterrupted run would, whatever ``num_workers`` (:func:`make_loader`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from matting_core.training import collate_views, make_views, sample_rng
 from matting_pipeline.shards import ShardReader
 
-__all__ = ["PositionSampler", "ViewDataset", "make_loader"]
+__all__ = ["PositionSampler", "Prefetcher", "ViewDataset", "make_loader"]
 
 
 class ViewDataset(Dataset):
@@ -55,18 +56,59 @@ class ViewDataset(Dataset):
             raise ValueError("guidance is made from the GT alpha: add 'alpha' to the roles")
         self.guidance_key = guidance_key
         self.guidance = guidance
+        self.cache_bytes = 0
+        self._cache: OrderedDict[str, dict] = OrderedDict()
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.reader)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)  # a worker starts with an empty cache of its own
+        state["_cache"], state["_cached_bytes"] = OrderedDict(), 0
+        return state
+
+    def enable_cache(self, max_bytes: int) -> None:
+        """Keep up to ``max_bytes`` of decoded samples in memory (least recently used go
+        first; per process, so each DataLoader worker has its own). Decoding the PNG
+        members is about half of a view's cost; the views, and so the results, are the
+        same. The cached arrays are read-only: an augmentation that wrote into its input
+        would fail instead of changing later epochs."""
+        self.cache_bytes = max(0, int(max_bytes))
+        while self._cached_bytes > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= _sample_bytes(old)
+
+    def _read(self, key: str) -> dict:
+        sample = self._cache.get(key)
+        if sample is not None:
+            self._cache.move_to_end(key)
+            return sample
+        sample = self.reader.read(key, roles=["image", *self.roles])
+        size = _sample_bytes(sample)
+        if self.cache_bytes and size <= self.cache_bytes:
+            for value in sample.values():
+                if isinstance(value, np.ndarray):
+                    value.flags.writeable = False
+            while self._cache and self._cached_bytes + size > self.cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= _sample_bytes(old)
+            self._cache[key] = sample
+            self._cached_bytes += size
+        return sample
+
     def __getitem__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
         index, position = item
-        sample = self.reader.read(self.reader.keys[index], roles=["image", *self.roles])
+        sample = self._read(self.reader.keys[index])
         rng = sample_rng(self.seed, position)
         views = make_views(sample, rng, self.crop, self.scale_range, self.roles, self.strong)
         if self.guidance is not None:
             views[self.guidance_key] = np.ascontiguousarray(self.guidance(views["alpha"], rng), dtype=np.float32)
         return views
+
+
+def _sample_bytes(sample: dict) -> int:
+    return sum(v.nbytes for v in sample.values() if isinstance(v, np.ndarray))
 
 
 class PositionSampler(Sampler):
@@ -128,3 +170,82 @@ def make_loader(dataset: ViewDataset, batch_size: int, start_step: int, num_work
         persistent_workers=False,
         pin_memory=False,
     )
+
+
+class Prefetcher:
+    """Iterate ``iterator`` one batch ahead in a background thread.
+
+    With ``num_workers: 0`` the loader decodes and augments in the training process, on
+    the training thread, between steps. PNG decoding, OpenCV and NumPy release the GIL, so
+    a thread can make batch ``k + 1`` while the step of batch ``k`` runs (measured by
+    ``benchmarks/bench_training.py``). The batches and their order are the iterator's, so
+    results do not change; an exception of the iterator is raised by ``next`` here, in
+    order. Use as a context manager (or call :meth:`close`): the thread stops and its
+    pending batch is dropped.
+    """
+
+    _DONE = object()
+
+    def __init__(self, iterator: Iterator, depth: int = 1, name: str = "batch-prefetch"):
+        import queue
+        import threading
+
+        self._iterator = iterator
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._iterator:
+                if not self._put((item, None)):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put((None, err))
+            return
+        self._put((self._DONE, None))
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        item, err = self._queue.get()
+        if err is not None:
+            self._finished = True
+            raise err
+        if item is self._DONE:
+            self._finished = True
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        import queue
+
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -358,7 +358,7 @@ def label_encoded_samples(
 
     ``image`` and ``mask`` are copied byte for byte; ``teacher_alpha``, ``teacher_boundary``
     and ``blended`` are encoded as uint16 PNG; the meta is the seg meta plus
-    ``{"pseudolabel": provenance}`` (and ``key``). The plain-loop benchmark calls this too.
+    ``{"pseudolabel": provenance}`` (and ``key``). :func:`label_in_process` calls it too.
     """
     from matting_core.pseudolabel import label_images
     from matting_pipeline.shards import ShardError, decode_member, encode_member
@@ -384,6 +384,37 @@ def label_encoded_samples(
             members[role] = encode_member(role, label[role])
         out.append(members)
     return out
+
+
+def label_in_process(plan: Plan, out_dir: Path, batch_size: int = 8, device: str = "cpu") -> dict:
+    """The stage's labels without Ray: one process reads ``plan``'s seg shards, labels
+    ``batch_size`` samples at a time with :func:`label_encoded_samples` and writes the set to
+    ``out_dir`` in the subset's order. Same labels as the Ray job (the benchmarks compare
+    the two paths and time training on these shards); returns the written set's index."""
+    from matting_core.checkpoint import load_model
+    from matting_pipeline.shards import ShardWriter, iter_encoded_samples, read_index
+
+    teacher, _ = load_model(plan.teacher_path, map_location=device)
+    teacher.requires_grad_(False)
+    with ShardWriter(out_dir, plan.cell, plan.samples_per_shard, plan.subset_seed) as writer:
+        batch: list[dict] = []
+
+        def flush() -> None:
+            encoded = label_encoded_samples(
+                teacher, batch, plan.blend_mode, plan.blend_dilate, device=device, provenance=plan.provenance
+            )
+            for sample, members in zip(batch, encoded):
+                writer.add_encoded(sample["key"], members)
+            batch.clear()
+
+        for sample in iter_encoded_samples(plan.seg_dir, plan.keys):
+            batch.append({"key": sample["key"], "members": sample["members"]})
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+        writer.set_order(plan.keys)
+    return read_index(out_dir)
 
 
 def _maybe_kill_self(spec: str | None, calls: int) -> None:

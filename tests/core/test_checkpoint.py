@@ -99,10 +99,10 @@ def test_foreign_files_are_rejected(tmp_path):
 def _flip_tensor_bytes(path, tensor, count=4000):
     """Flip bytes inside ``tensor``'s stored data (torch.load itself does not notice)."""
     raw = bytearray(path.read_bytes())
-    data = tensor.detach().contiguous().numpy().tobytes()
+    data = bytes(tensor.detach().untyped_storage().tolist()[:64])  # as stored (channels-last or not)
     at = raw.find(data[:64])
     assert at > 0, "tensor bytes not found in the file"
-    for i in range(at, at + min(count, len(data))):
+    for i in range(at, at + min(count, tensor.numel() * tensor.element_size())):
         raw[i] ^= 0x5A
     path.write_bytes(bytes(raw))
 

@@ -33,7 +33,7 @@ from matting_pipeline.cli import main
 from matting_pipeline.config import COMPARED_METHODS, ConfigError, parse_params
 from matting_pipeline.shards import subset_keys, write_shard_set
 from matting_pipeline.cli import StageError
-from matting_pipeline.trainer import train
+from matting_pipeline.trainer import apply_train_settings, train
 from tests.images import save
 from tests.stages.test_training import MAT, SEG, SIZE, _disc, make_data
 
@@ -84,7 +84,7 @@ def args_for(world, **kw):
 
 def run_method(world, name, record=None, fail_at=None, raw=None, **kw):
     params = parse_params(raw or make_params())
-    job = method.build_job(args_for(world, method=name, **kw), params, CPU)
+    job = apply_train_settings(method.build_job(args_for(world, method=name, **kw), params, CPU), params)  # as the stage
 
     def on_step(step, batch, terms):
         if record is not None:

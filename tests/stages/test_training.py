@@ -32,7 +32,7 @@ from matting_pipeline.config import parse_params
 from matting_pipeline.shards import subset_keys, write_shard_set
 from matting_pipeline.cli import StageError
 from matting_pipeline.shards import ShardReader
-from matting_pipeline.trainer import train
+from matting_pipeline.trainer import apply_train_settings, train
 from matting_pipeline.views import PositionSampler
 
 CPU = torch.device("cpu")
@@ -123,7 +123,7 @@ def clone_models(world, dst: Path) -> Path:
 def run_job(module, world, seg, mat, raw=None, record=None, fail_at=None, **kw):
     """Build and train a stage job in-process; ``record`` collects (step, batch, terms)."""
     params = parse_params(raw or make_params())
-    job = module.build_job(args_for(world, seg, mat, **kw), params, CPU)
+    job = apply_train_settings(module.build_job(args_for(world, seg, mat, **kw), params, CPU), params)  # as the stage does
 
     def on_step(step, batch, terms):
         if record is not None:
@@ -460,7 +460,7 @@ def test_student_ema_mode_updates_and_resumes_its_teacher(world, taught):
     root_a = clone_models(world, world["root"] / "ema-a")
     root_b = clone_models(world, world["root"] / "ema-b")
     params = parse_params(raw)
-    job = student.build_job(args_for(world, SEG, MAT, models_root=root_a), params, CPU)
+    job = apply_train_settings(student.build_job(args_for(world, SEG, MAT, models_root=root_a), params, CPU), params)
     ema_teacher = job.modules["ema_teacher"]
     snapshots = [{k: v.clone() for k, v in ema_teacher.state_dict().items()}]
     students = []
@@ -540,6 +540,83 @@ def test_loader_workers_give_the_same_batches(world):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     del workers
+
+
+def test_the_decoded_cache_and_the_prefetch_thread_change_no_batch(world):
+    from matting_pipeline.views import Prefetcher, ViewDataset, make_loader
+
+    seg_dir = world["data"] / "shards" / "seg"
+    reader = ShardReader(seg_dir, subset_keys(seg_dir, SEG))
+    plain = ViewDataset(reader, ["mask"], 32, (0.75, 1.25), seed=0, strong=True)
+    cached = ViewDataset(reader, ["mask"], 32, (0.75, 1.25), seed=0, strong=True)
+    one = sum(v.nbytes for k, v in reader.read(reader.keys[0], roles=["image", "mask"]).items() if k != "meta"
+              and hasattr(v, "nbytes"))
+    cached.enable_cache(3 * one)  # room for 3 of the 8 samples: hits, misses and evictions
+    with Prefetcher(iter(make_loader(cached, 4, start_step=1, num_workers=0))) as ahead:
+        straight = iter(make_loader(plain, 4, start_step=1, num_workers=0))
+        for _ in range(6):  # three epochs
+            a, b = next(straight), next(ahead)
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert 0 < len(cached._cache) <= 3 and cached._cached_bytes <= 3 * one
+    sample = next(iter(cached._cache.values()))
+    with pytest.raises(ValueError, match="read-only"):
+        sample["image"][0, 0, 0] = 1  # an augmentation writing into its input fails, not corrupts
+    assert plain._cache == {} and plain.cache_bytes == 0
+
+
+def test_the_prefetcher_raises_the_loaders_error_in_order_and_stops_its_thread():
+    from matting_pipeline.shards import ShardError
+    from matting_pipeline.views import Prefetcher
+
+    def failing():
+        yield 1
+        yield 2
+        raise ShardError("data/shards/seg/seg-000001.tar: truncated")
+
+    ahead = Prefetcher(failing())
+    assert next(ahead) == 1 and next(ahead) == 2
+    with pytest.raises(ShardError, match="truncated"):
+        next(ahead)
+    with pytest.raises(StopIteration):
+        next(ahead)
+    ahead.close()
+    assert not ahead._thread.is_alive()
+
+    def endless():
+        n = 0
+        while True:
+            n += 1
+            yield n
+
+    with Prefetcher(endless(), depth=2) as ahead:
+        assert [next(ahead) for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert not ahead._thread.is_alive()  # closed while blocked on a full queue
+
+
+def test_channels_last_is_part_of_the_configuration_and_trains_the_same_network(world):
+    raw_last = make_params(teacher={"iters": 3, "checkpoint_every": 2})
+    raw_first = make_params(teacher={"iters": 3, "checkpoint_every": 2})
+    raw_first["train"]["channels_last"] = False
+    rec_last, rec_first = [], []
+    job_last, result_last = run_job(teacher, world, 0, MAT, raw=raw_last, record=rec_last,
+                                    models_root=world["root"] / "nhwc")
+    job_first, result_first = run_job(teacher, world, 0, MAT, raw=raw_first, record=rec_first,
+                                      models_root=world["root"] / "nchw")
+    assert job_last.channels_last and not job_first.channels_last
+    assert job_last.fingerprint() != job_first.fingerprint()  # a state of one is never resumed by the other
+    conv = next(p for p in job_last.model.parameters() if p.dim() == 4 and p.shape[2] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert rec_last[0][1]["image"].is_contiguous(memory_format=torch.channels_last)
+    # the same arithmetic in another summation order: the first step's loss agrees to rounding,
+    # and (Adam moves every weight by about lr a step, whatever its gradient's size) the weights
+    # stay within a few lr of each other; model.pt loads into a plain channels-first network
+    np.testing.assert_allclose(rec_last[0][2]["total"], rec_first[0][2]["total"], rtol=1e-5)
+    last, _ = load_model(result_last["model_path"])
+    first, _ = load_model(result_first["model_path"])
+    weights = dict(first.named_parameters())
+    worst = max(float((p - weights[name]).detach().abs().max()) for name, p in last.named_parameters())
+    assert worst <= 2 * 3 * 3.0e-3, worst  # lr 3e-3, 3 steps
 
 
 # ----------------------------------------------------------------------------- control, seeds, knobs
