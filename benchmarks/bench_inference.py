@@ -18,6 +18,16 @@ ratios between networks are what to compare. Run::
     python benchmarks/bench_inference.py --quick    # 1 warm-up + 3 timed runs (make bench)
     python benchmarks/bench_inference.py --networks unet_r18 --size 320 --no-onnx
     python benchmarks/bench_inference.py --quick --threads 1   # steadier on a busy machine
+
+int8 (``matting export --int8``): a model is trained by the pipeline's own pretrain stage on
+synthetic seg data in a temp dir (``unet_r18x0.5`` from scratch, ``--int8-steps`` steps, seed 0;
+not timed), or read from ``--checkpoint`` with ``--calibration`` / ``--natural`` shard sets
+(e.g. the demo's champion student and ``data/composite/train`` / ``data/shards/val-natural``).
+It is exported as fp32 and quantized as ``matting export --int8`` does (32 calibration
+images of its training shards), then: ORT CPU FPS of both at ``--size`` batch 1
+(interleaved rounds, medians), the whole-image MSE of both on the natural validation set
+(images at their own size up to a short side of 512) and its relative change, and the int8
+agreement figures on 8 held-out calibration-set images. ``--no-int8`` skips it.
 """
 
 from __future__ import annotations
@@ -65,7 +75,7 @@ def bench_torch(model: torch.nn.Module, image: torch.Tensor, warmup: int, iters:
 
 
 def bench_onnx(
-    onnx_path: str, image: np.ndarray, provider: str, warmup: int, iters: int, threads: int | None = None
+    onnx_path: str, feed: dict[str, np.ndarray], provider: str, warmup: int, iters: int, threads: int | None = None
 ) -> float:
     import onnxruntime as ort
 
@@ -73,7 +83,6 @@ def bench_onnx(
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(onnx_path, options, providers=[provider])
-    feed = {"image": image}
     return _fps(lambda: session.run(["alpha"], feed), warmup, iters)
 
 
@@ -86,6 +95,105 @@ def gmacs(name: str, size: int) -> float:
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, 3, size, size))
     return counter.get_total_flops() / 2e9
+
+
+def trained_model(root: Path, steps: int):
+    """(model, calibration set, natural set, description): the pre-training stage's network
+    trained from scratch for ``steps`` on the synthetic seg set under ``root`` (seed 0); its
+    training shards calibrate it."""
+    import contextlib
+    import io
+
+    from _world import synthetic_data
+    from matting_pipeline.trainer import apply_train_settings, train
+    from stages import pretrain
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    counts = {"matte": 16, "background": 16, "seg": 128, "val_natural": 16}
+    params = synthetic_data(root, counts, {"pretrain": {"iters": steps, "checkpoint_every": steps}})
+    args = argparse.Namespace(seg=128, mat=0, params=None, data_root=str(root / "data"),
+                              models_root=str(root / "models"), device="cpu", iters=None, seed=0)
+    job = apply_train_settings(pretrain.build_job(args, params, torch.device("cpu")), params)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        train(job, torch.device("cpu"), progress=False)
+    model = job.model.to(memory_format=torch.contiguous_format).eval()
+    return (model, root / "data" / "shards" / "seg", root / "data" / "shards" / "val-natural",
+            f"unet_r18x0.5 trained by the pretrain stage from scratch, {steps} steps on 128 synthetic seg samples (seed 0)")
+
+
+def natural_mse(onnx_model: bytes, natural: Path, guidance: str | None) -> float:
+    """Mean over the set's images of the whole-image MSE of ``onnx_model``'s alpha (images at
+    their own size up to a short side of 512; the GT alpha resized alike)."""
+    import cv2
+
+    from matting_core.inference import resize_short_side
+    from matting_core.models.onnx_quant import guidance_from_alpha, ort_alphas
+    from matting_pipeline.shards import iter_samples
+
+    feeds, truths = [], []
+    for sample in iter_samples(natural):
+        image = sample["image"]
+        small = resize_short_side(image, min(512, min(image.shape[:2])))
+        h, w = small.shape[:2]
+        alpha = cv2.resize(np.asarray(sample["alpha"], np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        feed = {"image": np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0}
+        if guidance is not None:
+            feed[guidance] = guidance_from_alpha(guidance, alpha)
+        feeds.append(feed)
+        truths.append(alpha)
+    return float(np.mean([np.mean((a[0, 0] - t) ** 2) for a, t in zip(ort_alphas(onnx_model, feeds), truths)]))
+
+
+def int8_section(args, warmup: int, iters: int) -> None:
+    from matting_core.checkpoint import load_model
+    from matting_core.methods import method_of
+    from matting_core.models.onnx_quant import QUANTIZATION, int8_agreement, quantize_int8
+    from matting_pipeline.tools.export import calibration_feeds
+
+    steps = args.int8_steps or (300 if args.quick else 600)
+    rounds = args.int8_rounds or (3 if args.quick else 5)
+    with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
+        t0 = time.perf_counter()
+        if args.checkpoint is None:
+            model, calibration, natural, what = trained_model(Path(tmp), steps)
+        else:
+            model, _ = load_model(args.checkpoint)
+            model.eval()
+            calibration, natural, what = args.calibration, args.natural, str(args.checkpoint)
+        guidance = method_of(model).required_input
+        fp32 = export_onnx(model, guidance=guidance)
+        feeds = calibration_feeds(calibration, 40, guidance)
+        int8 = quantize_int8(fp32, feeds[:32])
+        agreement = int8_agreement(fp32, int8, feeds[32:])
+        print(f"\n# int8: {QUANTIZATION}; 32 calibration images of {calibration.name}")
+        print(f"# model: {what} (made and quantized in {time.perf_counter() - t0:.0f} s, not timed)")
+        image = np.random.default_rng(0).random((1, 3, args.size, args.size), dtype=np.float32)
+        feed = {"image": image}
+        if guidance is not None:
+            from matting_core.models.onnx_export import sample_guidance
+
+            feed[guidance] = sample_guidance(guidance, 1, args.size, args.size,
+                                             torch.Generator().manual_seed(0)).numpy()
+        paths = {}
+        for name, data in (("fp32", fp32), ("int8", int8)):
+            paths[name] = os.path.join(tmp, f"{name}.onnx")
+            with open(paths[name], "wb") as fh:
+                fh.write(data)
+        fps: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for r in range(rounds):  # interleaved, which goes first alternating
+            for name in (("fp32", "int8") if r % 2 == 0 else ("int8", "fp32")):
+                fps[name].append(bench_onnx(paths[name], feed, "CPUExecutionProvider", warmup, iters, args.threads))
+        mse = {name: natural_mse(data, natural, guidance) for name, data in (("fp32", fp32), ("int8", int8))}
+    med = {k: float(np.median(v)) for k, v in fps.items()}
+    change = (mse["int8"] - mse["fp32"]) / mse["fp32"]
+    print(f"{'precision':<9} {'ORT CPU FPS':>11} {'natural MSE':>12}   ({args.size}x{args.size} batch 1, median of "
+          f"{rounds} interleaved rounds; MSE over {natural.name}, whole image)")
+    print(f"{'fp32':<9} {med['fp32']:>11.2f} {mse['fp32']:>12.5f}")
+    print(f"{'int8':<9} {med['int8']:>11.2f} {mse['int8']:>12.5f}")
+    print(f"int8 / fp32 FPS: x{med['int8'] / med['fp32']:.2f} (target >= 1.7); natural MSE change {change:+.1%} "
+          f"(target within 5 %)")
+    print(f"int8 vs fp32 alphas on 8 held-out images of {calibration.name}: mean abs {agreement['mean_abs']:.4f}, "
+          f"99th percentile {agreement['p99_abs']:.4f}, max {agreement['max_abs']:.4f}")
 
 
 def _fmt(value: float | None) -> str:
@@ -108,7 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU threads for torch and onnxruntime (default: theirs, = cores). On a busy machine "
         "1 thread can be several times faster than 2 (OpenMP threads spin-wait for each other)",
     )
+    int8 = parser.add_argument_group("int8")
+    int8.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 comparison")
+    int8.add_argument("--checkpoint", type=Path, default=None, help="model to quantize (default: train one, see above)")
+    int8.add_argument("--calibration", type=Path, default=None, help="calibration shard set (with --checkpoint)")
+    int8.add_argument("--natural", type=Path, default=None, help="natural validation shard set (with --checkpoint)")
+    int8.add_argument("--int8-steps", type=int, default=None, help="training steps of the self-made model (default 600; quick 300)")
+    int8.add_argument("--int8-rounds", type=int, default=None, help="interleaved FPS rounds (default 5; quick 3)")
     args = parser.parse_args(argv)
+    if args.checkpoint is not None and (args.calibration is None or args.natural is None):
+        parser.error("--checkpoint needs --calibration and --natural (shard set folders)")
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -151,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                 onnx_path = os.path.join(tmp, f"{name}.onnx")
                 with open(onnx_path, "wb") as fh:
                     fh.write(export_onnx(model))
-                ort_cpu = bench_onnx(onnx_path, image_np, "CPUExecutionProvider", warmup, iters, args.threads)
+                ort_cpu = bench_onnx(onnx_path, {"image": image_np}, "CPUExecutionProvider", warmup, iters, args.threads)
                 if ort_cuda:
-                    ort_gpu = bench_onnx(onnx_path, image_np, "CUDAExecutionProvider", warmup * 3, iters * 10)
+                    ort_gpu = bench_onnx(onnx_path, {"image": image_np}, "CUDAExecutionProvider", warmup * 3, iters * 10)
             if cuda:
                 torch_gpu = bench_torch(model.cuda(), image.cuda(), warmup * 3, iters * 10)
             paper_gpu, paper_cpu = PAPER_FPS.get(name, (None, None))
@@ -162,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{_fmt(torch_gpu):>9} {_fmt(ort_gpu):>8} {_fmt(paper_gpu):>9}",
                 flush=True,
             )
+    if args.onnx and args.int8:
+        int8_section(args, warmup, iters)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# load average at the end {load:.1f}")
     print(

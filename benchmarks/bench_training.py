@@ -49,7 +49,6 @@ import torch  # noqa: E402
 from matting_core.checkpoint import save_checkpoint  # noqa: E402
 from matting_core.models import build_network  # noqa: E402
 from matting_core.training import cosine_schedule, train_step  # noqa: E402
-from matting_pipeline.config import parse_params  # noqa: E402
 from matting_pipeline.layout import Layout  # noqa: E402
 from matting_pipeline.trainer import apply_train_settings, place_model, set_math_threads, to_device, train  # noqa: E402
 from matting_pipeline.views import make_loader  # noqa: E402
@@ -61,28 +60,14 @@ def make_world(root: Path, quick: bool, network: str, steps: int) -> tuple[objec
     """The repository's params.yaml (only ``iters`` and the data set's size changed); synthetic
     data through ingest → shard → composite, random pretrain/teacher checkpoints and the
     student's offline pseudo-labels; returns ``(params, budgets)``."""
+    from _world import synthetic_data
     from stages import pseudolabel
-    from stages.composite import composite_all
-    from stages.ingest import ingest
-    from stages.shard import shard_all
 
     counts = {"matte": 16, "background": 16, "seg": 64, "val_natural": 4} if quick else {
         "matte": 48, "background": 48, "seg": 240, "val_natural": 4}
-    import yaml
-
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    raw["data"]["synthetic"].update(counts)
-    raw["composite"]["val_composited"] = False
-    raw["model"]["network"] = network
-    raw["train"]["device"] = "cpu"
-    for stage in STAGES:  # the demo's batch, crop, lr and cadences; only the length changes
-        raw["train"][stage]["iters"] = steps
-    params = parse_params(raw)
+    # the demo's batch, crop, lr and cadences; only the length changes
+    params = synthetic_data(root, counts, {stage: {"iters": steps} for stage in STAGES}, network)
     data = root / "data"
-    with contextlib.redirect_stdout(io.StringIO()):
-        ingest(params.data, data, progress=False)
-        shard_all(params.shard, data, progress=False)
-        composite_all(params.composite, data, params.shard.samples_per_shard, progress=False)
     seg, mat = counts["seg"], 8
     base = Layout(data=data, models=root / "base").for_seed(0)
     torch.manual_seed(0)

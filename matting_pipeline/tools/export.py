@@ -10,6 +10,15 @@ padding to a multiple of 32 are inside the graph, so callers feed plain RGB. The
 spec is stored in the ONNX metadata (``network_spec``, JSON). Unless ``--no-check``, the
 file is run in onnxruntime at two sizes and compared with PyTorch (max abs difference must
 be below ``--tolerance``) before it is written; the write is atomic.
+
+With ``--int8`` the file written is the int8 model for CPU inference
+(:func:`matting_core.models.onnx_quant.quantize_int8`: static quantization, QDQ, calibrated on
+``--calibration-count`` images of a training shard set, ``data/composite/train`` by default,
+at their own size up to a short side of 512 px; a guided method's trimap or mask is made
+from their alpha). The fp32 parity check runs first; then the int8 model must agree with
+the fp32 one on ``--check-count`` further images of the set: mean absolute alpha
+difference at most ``--int8-tolerance``. Figures (FPS, natural-set MSE):
+``benchmarks/bench_inference.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tolerance", type=float, default=1e-4, help="max abs alpha difference allowed by the check (default 1e-4)"
     )
+    int8 = parser.add_argument_group("int8 (CPU inference)")
+    int8.add_argument("--int8", action="store_true",
+                      help="write the int8 model (static quantization calibrated on training shards) instead of fp32")
+    int8.add_argument("--calibration", type=Path, default=Path("data/composite/train"),
+                      help="shard set whose images calibrate the int8 ranges (default data/composite/train)")
+    int8.add_argument("--calibration-count", type=int, default=32, help="calibration images (default 32)")
+    int8.add_argument("--check-count", type=int, default=8,
+                      help="further images of the set for the int8 agreement check (default 8)")
+    int8.add_argument("--int8-tolerance", type=float, default=0.02,
+                      help="mean abs alpha difference int8 vs fp32 allowed by the check (default 0.02)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,11 +79,73 @@ def run(args: argparse.Namespace) -> int:
         if not diff < args.tolerance:
             print("matting export: parity check failed; nothing written", file=sys.stderr)
             return 1
+    precision = "fp32"
+    if args.int8:
+        data, precision = _int8(data, args, guidance), "int8"
+        if data is None:
+            return 1
     write_bytes(args.output, data)
     inputs = "image" + (f" + {guidance}" if guidance else "")
-    print(f"wrote {args.output} ({len(data) / 1e6:.1f} MB, opset {opset}, network {info['network_spec']['name']}, "
-          f"method {method_of(model).name}, inputs {inputs})")
+    print(f"wrote {args.output} ({len(data) / 1e6:.1f} MB, {precision}, opset {opset}, network "
+          f"{info['network_spec']['name']}, method {method_of(model).name}, inputs {inputs})")
     return 0
+
+
+def calibration_feeds(set_dir: Path, count: int, guidance: str | None, max_side: int = 512) -> list[dict]:
+    """``count`` feeds from the first samples of ``set_dir``'s subset order: ``image``
+    (1, 3, h, w) float32 RGB in [0, 1], the short side at most ``max_side``; a guided
+    method's ``trimap`` / ``mask`` made from the sample's alpha (or its mask)."""
+    import cv2
+    import numpy as np
+
+    from matting_core.inference import resize_short_side
+    from matting_core.models.onnx_quant import guidance_from_alpha
+    from matting_pipeline.cli import StageError
+    from matting_pipeline.shards import iter_samples, read_index, subset_keys
+
+    if not (set_dir / "index.json").is_file():
+        raise StageError(f"{set_dir}: no shard set here (no index.json) to calibrate the int8 model on; make it "
+                         "with `dvc repro` (data/composite/train) or point --calibration at a shard set")
+    available = int(read_index(set_dir)["count"])
+    if count > available:
+        raise StageError(f"{set_dir} holds {available} samples; --calibration-count plus --check-count asks for "
+                         f"{count}: lower them")
+    feeds = []
+    for sample in iter_samples(set_dir, subset_keys(set_dir, count)):
+        image = sample["image"]
+        small = resize_short_side(image, min(max_side, min(image.shape[:2])))
+        feed = {"image": np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0}
+        if guidance is not None:
+            source = sample.get("alpha", sample.get("mask"))
+            if source is None:
+                raise StageError(f"{set_dir}: sample {sample['key']} has no alpha or mask to make the "
+                                 f"{guidance} of the calibration from; use a set that has (data/composite/train)")
+            h, w = small.shape[:2]
+            source = cv2.resize(np.asarray(source, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+            feed[guidance] = guidance_from_alpha(guidance, source)
+        feeds.append(feed)
+    return feeds
+
+
+def _int8(fp32: bytes, args: argparse.Namespace, guidance: str | None) -> bytes | None:
+    """The int8 model of ``fp32`` when it passes its agreement check, else None (said why)."""
+    from matting_core.models.onnx_quant import int8_agreement, quantize_int8
+    from matting_pipeline.cli import StageError
+
+    if args.calibration_count < 1 or args.check_count < 1:
+        raise StageError("--calibration-count and --check-count must be >= 1")
+    feeds = calibration_feeds(args.calibration, args.calibration_count + args.check_count, guidance)
+    calibration, held_out = feeds[: args.calibration_count], feeds[args.calibration_count :]
+    data = quantize_int8(fp32, calibration, metadata={"calibration_set": args.calibration.as_posix()})
+    agreement = int8_agreement(fp32, data, held_out)
+    print(f"int8 vs fp32 on {len(held_out)} held-out images of {args.calibration}: mean abs alpha difference "
+          f"{agreement['mean_abs']:.4f} (tolerance {args.int8_tolerance:g}), 99th percentile "
+          f"{agreement['p99_abs']:.4f}, max {agreement['max_abs']:.4f}")
+    if not agreement["mean_abs"] <= args.int8_tolerance:
+        print("matting export: int8 agreement check failed; nothing written (more --calibration-count, or export fp32)",
+              file=sys.stderr)
+        return None
+    return data
 
 
 if __name__ == "__main__":

@@ -139,3 +139,110 @@ def test_a_mam_checkpoint_is_refused_with_the_reason(tmp_path, capsys):
     checkpoint = save_checkpoint(tmp_path / "mam.pt", m.build(m.method_spec(network="unet_r18x0.25")))
     assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "mam.onnx")]) == 2
     assert "is a MAM model" in capsys.readouterr().err and not (tmp_path / "mam.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def calibration_set(tmp_path_factory):
+    """A composite-like shard set (image + alpha of a soft disc over noise), 14 samples of
+    varied sizes, written by the real shard writer."""
+    from matting_pipeline.shards import write_shard_set
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(14):
+        h, w = int(rng.integers(48, 80)), int(rng.integers(48, 80))
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        alpha = np.clip((min(h, w) * 0.3 - np.hypot(yy - h / 2, xx - w / 2)) / 4 + 0.5, 0, 1).astype(np.float32)
+        fg, bg = rng.integers(150, 255, 3), rng.integers(0, 100, (h, w, 3))
+        image = np.round(alpha[..., None] * fg + (1 - alpha[..., None]) * bg).astype(np.uint8)
+        samples.append((f"train-{i:06d}", {"set": "train"}, {"image": image, "alpha": alpha}))
+    root = tmp_path_factory.mktemp("calibration") / "train"
+    write_shard_set(root, "train", samples, samples_per_shard=5)
+    return root
+
+
+def test_int8_export_writes_a_quantized_dynamic_model_that_agrees_with_fp32(exported, calibration_set, capsys):
+    """Issue 15 item 2: `matting export --int8` (static quantization calibrated on shard
+    images) writes an int8 QDQ model with the same dynamic interface, after the fp32 parity
+    check and an int8 agreement check on held-out images."""
+    model, fp32_path = exported
+    checkpoint = fp32_path.parent.parent / "model.pt"
+    output = fp32_path.parent / "model.int8.onnx"
+    capsys.readouterr()
+    rc = main(["export", "--checkpoint", str(checkpoint), "--output", str(output), "--int8",
+               "--calibration", str(calibration_set), "--calibration-count", "8", "--check-count", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "onnxruntime vs PyTorch: max abs alpha difference" in out  # the fp32 check still runs
+    assert "int8 vs fp32 on 4 held-out images" in out and ", int8, opset" in out
+    proto = onnx.load(str(output))
+    ops = {node.op_type for node in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["network_spec"])["name"] == "unet_r18x0.25"
+    assert meta["quantization"].startswith("int8 static") and meta["calibration_feeds"] == "8"
+    assert output.stat().st_size < 0.5 * fp32_path.stat().st_size  # int8 weights
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(5)
+    for n, h, w in [(1, 64, 96), (2, 50, 70)]:
+        image = torch.rand(n, 3, h, w, generator=generator)
+        (alpha,) = session.run(["alpha"], {"image": image.numpy()})
+        with torch.inference_mode():
+            expected = model(image)["alpha"].numpy()
+        assert alpha.shape == (n, 1, h, w) and alpha.min() >= 0 and alpha.max() <= 1
+        assert np.abs(alpha - expected).mean() < 0.05  # int8, not fp32: close, not equal
+        assert np.abs(alpha - expected).max() > 0
+
+
+def test_an_int8_model_that_fails_its_agreement_check_is_not_written(exported, calibration_set, capsys):
+    _, fp32_path = exported
+    output = fp32_path.parent / "strict.int8.onnx"
+    rc = main(["export", "--checkpoint", str(fp32_path.parent.parent / "model.pt"), "--output", str(output), "--int8",
+               "--calibration", str(calibration_set), "--calibration-count", "4", "--check-count", "2",
+               "--int8-tolerance", "0"])
+    assert rc == 1 and not output.exists()
+    assert "int8 agreement check failed; nothing written" in capsys.readouterr().err
+
+
+def test_int8_without_a_calibration_set_is_a_clear_error(exported, tmp_path, capsys):
+    _, fp32_path = exported
+    rc = main(["export", "--checkpoint", str(fp32_path.parent.parent / "model.pt"), "--output",
+               str(tmp_path / "m.onnx"), "--int8", "--calibration", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nowhere: no shard set here" in err and "--calibration" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("method, guidance", [("dim", "trimap")])  # a mask: the same path, its format tested below
+def test_a_guided_method_exports_int8_with_guidance_made_from_the_sets_alpha(tmp_path, calibration_set, capsys,
+                                                                            method, guidance):
+    from matting_core.methods import get_method
+
+    torch.manual_seed(0)
+    m = get_method(method)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", m.build(m.method_spec(network="unet_r18x0.25")).eval())
+    output = tmp_path / "model.onnx"
+    rc = main(["export", "--checkpoint", str(checkpoint), "--output", str(output), "--int8",
+               "--calibration", str(calibration_set), "--calibration-count", "4", "--check-count", "2"])
+    assert rc == 0 and f"int8, opset 18, network unet_r18x0.25, method {method}, inputs image + {guidance}" in \
+        capsys.readouterr().out
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image", guidance]
+
+
+def test_calibration_guidance_is_the_methods_format():
+    from matting_core.models.onnx_quant import guidance_from_alpha
+
+    alpha = np.zeros((40, 40), np.float32)
+    alpha[10:30, 10:30] = 1.0
+    alpha[10:30, 20] = 0.5
+    trimap = guidance_from_alpha("trimap", alpha, band=3)
+    assert trimap.shape == (1, 1, 40, 40) and set(np.unique(trimap)) == {0.0, 0.5, 1.0}
+    assert trimap[0, 0, 20, 17] == 0.5 and trimap[0, 0, 20, 12] == 1.0 and trimap[0, 0, 0, 0] == 0.0
+    mask = guidance_from_alpha("mask", alpha)
+    assert set(np.unique(mask)) == {0.0, 1.0} and mask[0, 0, 20, 20] == 1.0
+    with pytest.raises(ValueError, match="trimap' or 'mask'"):
+        guidance_from_alpha("prompt", alpha)
