@@ -91,6 +91,7 @@ __all__ = [
     "mam_train_step",
     "point_prompt",
     "prompt_from_alpha",
+    "prompt_mask",
     "prompt_region",
     "restrict_to_prompt",
     "scale_prompt",
@@ -207,6 +208,16 @@ def prompt_region(prompt: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return inside | (p[:, 0:1] >= 0.5)
 
 
+def prompt_mask(prompt: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Box prompts (N,5) as region masks (N,1,H,W) float {0,1} of ``like``'s size: the
+    ``prompt_mask`` input of an exported MAM model (:meth:`MAMNet.forward_region`). A point
+    prompt has no region (its restriction is a connected component): a ValueError."""
+    _check_prompt(prompt, like.shape[0])
+    if bool((prompt[:, 0] >= 0.5).any()):
+        raise ValueError("a point prompt has no region mask; give a box (an exported MAM model takes the box as a mask)")
+    return prompt_region(prompt, like).to(torch.float32)
+
+
 def _point_component(mask: np.ndarray, x: float, y: float) -> np.ndarray:
     count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     if count <= 1:
@@ -290,8 +301,7 @@ class OwnSegmenter(nn.Module):
     def train(self, mode: bool = True) -> OwnSegmenter:
         return super().train(False)  # frozen: always running statistics
 
-    @torch.no_grad()
-    def segment(self, image: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask_and_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}
         module = getattr(self.network, self.feature_module)
         handle = module.register_forward_hook(lambda _m, _i, out: captured.__setitem__("features", out))
@@ -299,8 +309,20 @@ class OwnSegmenter(nn.Module):
             alpha = self.network(image)["alpha"]
         finally:
             handle.remove()
-        mask = (alpha >= self.threshold).to(image.dtype)
-        return restrict_to_prompt(mask, prompt), captured["features"]
+        return (alpha >= self.threshold).to(image.dtype), captured["features"]
+
+    @torch.no_grad()
+    def segment(self, image: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask, features = self._mask_and_features(image)
+        return restrict_to_prompt(mask, prompt), features
+
+    @torch.no_grad()
+    def segment_region(self, image: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``segment`` with the prompt given as a region mask (N,1,H,W) {0,1}: the mask is
+        zeroed outside it. A box's region (:func:`prompt_mask`) gives exactly the box
+        prompt's result; tensor ops only, so it exports to ONNX."""
+        mask, features = self._mask_and_features(image)
+        return mask * region.to(mask.dtype), features
 
 
 class SamSegmenter:
@@ -519,6 +541,17 @@ class MAMNet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         mask, features = self.segment(image, prompt)
         out = self.m2m(image, mask, features, band_widths)
+        out["mask"] = mask
+        return out
+
+    def forward_region(self, image: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward` with the prompt as a region mask (N,1,H,W) {0,1}
+        (:func:`prompt_mask` of a box gives the box prompt's output): the exportable path.
+        Only the project's own segmenter has it (SAM is not an exportable module here)."""
+        if not isinstance(self.segmenter, OwnSegmenter):
+            raise ValueError("only a MAM model with the project's own segmenter takes a region mask (and exports)")
+        mask, features = self.segmenter.segment_region(image, region)
+        out = self.m2m(image, mask, features)
         out["mask"] = mask
         return out
 

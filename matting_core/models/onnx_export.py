@@ -28,23 +28,39 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "alpha"
 
 
-GUIDANCE_INPUTS = ("trimap", "mask")
+GUIDANCE_INPUTS = ("trimap", "mask", "prompt_mask")
 
 
 class GuidedAlpha(nn.Module):
-    """Export wrapper of a guided method: ``(image (N,3,H,W), guidance (N,1,H,W)) → alpha``."""
+    """Export wrapper of a guided method: ``(image (N,3,H,W), guidance (N,1,H,W)) → alpha``.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``kind`` ``prompt_mask`` (MAM): the prompt as a region mask, through
+    :meth:`matting_core.methods.mam.MAMNet.forward_region` (a box prompt's region gives the
+    box prompt's alpha)."""
+
+    def __init__(self, model: nn.Module, kind: str = "trimap") -> None:
         super().__init__()
         self.model = model
+        self.kind = kind
 
     def forward(self, image: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        if self.kind == "prompt_mask":
+            return self.model.forward_region(image, guidance)["alpha"]
         return self.model(image, guidance)["alpha"]
 
 
 def sample_guidance(kind: str, n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
     """A random guidance of ``kind`` in the model's format: a trimap of 0 / 0.5 / 1 regions,
-    or a 0/1 mask, (N, 1, H, W) float32 (blocky, so every class covers whole patches)."""
+    or a 0/1 mask, (N, 1, H, W) float32 (blocky, so every class covers whole patches); a
+    ``prompt_mask``: a random box covering at least a quarter of each side, as a 0/1 mask."""
+    if kind == "prompt_mask":
+        out = torch.zeros(n, 1, h, w)
+        for i in range(n):
+            y0, x0 = (int(torch.randint(0, max(1, s // 2), (1,), generator=generator)) for s in (h, w))
+            y1 = min(h, y0 + max(1, h // 4) + int(torch.randint(0, max(1, h // 2), (1,), generator=generator)))
+            x1 = min(w, x0 + max(1, w // 4) + int(torch.randint(0, max(1, w // 2), (1,), generator=generator)))
+            out[i, 0, y0:y1, x0:x1] = 1.0
+        return out
     coarse = torch.randint(0, 3 if kind == "trimap" else 2, (n, 1, max(1, h // 8), max(1, w // 8)), generator=generator)
     full = torch.nn.functional.interpolate(coarse.float(), size=(h, w), mode="nearest")
     return full / 2.0 if kind == "trimap" else full
@@ -60,9 +76,10 @@ def export_onnx(
     """Serialise ``model`` (a network returning ``{"alpha", ...}``) as ONNX bytes.
 
     Input ``image`` float32 (N, 3, H, W), dynamic N/H/W; output ``alpha`` (N, 1, H, W) in [0, 1].
-    ``guidance``: ``"trimap"`` or ``"mask"`` for a guided method (DIM, AdaMatting: trimap;
-    MGM, MGM in the wild: mask): a second input of that name, float32 (N, 1, H, W) in the
-    model's format (trimap 0 / 0.5 / 1, mask 0 / 1), same dynamic axes.
+    ``guidance``: ``"trimap"``, ``"mask"`` or ``"prompt_mask"`` for a guided method (DIM,
+    AdaMatting: trimap; MGM, MGM in the wild: mask; MAM: the prompt box as a 0/1 region
+    mask): a second input of that name, float32 (N, 1, H, W) in the model's format (trimap
+    0 / 0.5 / 1, masks 0 / 1), same dynamic axes.
     ``metadata`` (e.g. the network spec) is written to the model's metadata_props as JSON
     strings. The model is exported on CPU in eval mode (BN uses running statistics); the
     caller's module is not modified.
@@ -82,7 +99,7 @@ def export_onnx(
         args: tuple = (sample,)
         names = [INPUT_NAME]
     else:
-        wrapper = GuidedAlpha(model).to("cpu").eval()
+        wrapper = GuidedAlpha(model, guidance).to("cpu").eval()
         args = (sample, sample_guidance(guidance, 2, *sample_hw, generator))
         names = [INPUT_NAME, guidance]
         dynamic = {"image": dynamic[INPUT_NAME], "guidance": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}
@@ -168,7 +185,7 @@ def onnx_parity(
             else:
                 guide = sample_guidance(guidance, n, h, w, generator)
                 feeds[guidance] = guide.numpy()
-                expected = model(image, guide)["alpha"].numpy()
+                expected = GuidedAlpha(model, guidance)(image, guide).numpy()
         (got,) = session.run([OUTPUT_NAME], feeds)
         if got.shape != expected.shape:
             raise AssertionError(f"ONNX output shape {got.shape} != torch {expected.shape} for input {(n, 3, h, w)}")

@@ -34,11 +34,19 @@ QUANTIZATION = "int8 static, QDQ, uint8 activations (min/max calibration), int8 
 
 def guidance_from_alpha(kind: str, alpha: np.ndarray, band: int = 7) -> np.ndarray:
     """A calibration guidance input made from a GT alpha (H, W) in [0, 1]: a ``trimap``
-    (0 background, 1 foreground, 0.5 for the transition dilated by ``band`` px) or a
-    ``mask`` (alpha >= 0.5); (1, 1, H, W) float32, the format of the exported input."""
+    (0 background, 1 foreground, 0.5 for the transition dilated by ``band`` px), a
+    ``mask`` (alpha >= 0.5) or a ``prompt_mask`` (MAM's evaluation box around alpha >= 0.5
+    as a 0/1 region); (1, 1, H, W) float32, the format of the exported input."""
     import cv2
 
     alpha = np.asarray(alpha, np.float32)
+    if kind == "prompt_mask":
+        import torch
+
+        from matting_core.methods.mam import prompt_from_alpha, prompt_mask
+
+        box = torch.from_numpy(prompt_from_alpha(alpha, train=False))[None]
+        return prompt_mask(box, torch.zeros(1, 1, *alpha.shape)).numpy()
     if kind == "mask":
         out = (alpha >= 0.5).astype(np.float32)
     elif kind == "trimap":
@@ -47,7 +55,7 @@ def guidance_from_alpha(kind: str, alpha: np.ndarray, band: int = 7) -> np.ndarr
             unknown = cv2.dilate(unknown, np.ones((2 * band + 1, 2 * band + 1), np.uint8))
         out = np.where(unknown > 0, 0.5, (alpha >= 0.5).astype(np.float32)).astype(np.float32)
     else:
-        raise ValueError(f"guidance must be 'trimap' or 'mask', got {kind!r}")
+        raise ValueError(f"guidance must be 'trimap', 'mask' or 'prompt_mask', got {kind!r}")
     return out[None, None]
 
 

@@ -3,9 +3,10 @@
 The ONNX model takes ``image`` float32 (N, 3, H, W) RGB in [0, 1] with dynamic N, H, W and
 returns ``alpha`` (N, 1, H, W) in [0, 1] (the boundary head is dropped). A related method's
 checkpoint takes its guidance as a second named input of the same N, H, W: ``trimap`` (DIM,
-AdaMatting; float32 (N, 1, H, W): 0 background, 0.5 unknown, 1 foreground) or ``mask`` (MGM,
-MGM in the wild; 0/1). MAM is refused: its point prompts go through OpenCV's connected
-components, which do not trace. Normalisation and
+AdaMatting; float32 (N, 1, H, W): 0 background, 0.5 unknown, 1 foreground), ``mask`` (MGM,
+MGM in the wild; 0/1) or ``prompt_mask`` (MAM: the prompt box drawn as a 0/1 region mask,
+which gives exactly the box prompt's alpha; a point prompt's connected component does not
+trace, so give its box). Normalisation and
 padding to a multiple of 32 are inside the graph, so callers feed plain RGB. The network
 spec is stored in the ONNX metadata (``network_spec``, JSON). Unless ``--no-check``, the
 file is run in onnxruntime at two sizes and compared with PyTorch (max abs difference must
@@ -67,10 +68,14 @@ def run(args: argparse.Namespace) -> int:
 
     guidance = method_of(model).required_input
     if guidance == "prompt":
-        print(f"matting export: error: {args.checkpoint} is a MAM model; its point prompts run OpenCV's connected "
-              "components, which ONNX cannot trace, so it is not exported (use `matting predict` with --box/--point)",
-              file=sys.stderr)
-        return 2
+        from matting_core.methods.mam import OwnSegmenter
+
+        if not isinstance(getattr(model, "segmenter", None), OwnSegmenter):
+            print(f"matting export: error: {args.checkpoint} is a MAM model with an external segmenter (SAM), "
+                  "which is not part of the checkpoint; only MAM with the project's own segmenter exports",
+                  file=sys.stderr)
+            return 2
+        guidance = "prompt_mask"  # the prompt box as a region mask (point prompts do not trace)
     opset = args.opset or DEFAULT_OPSET
     data = export_onnx(model, opset=opset, metadata={"network_spec": info["network_spec"]}, guidance=guidance)
     if args.check:
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 def calibration_feeds(set_dir: Path, count: int, guidance: str | None, max_side: int = 512) -> list[dict]:
     """``count`` feeds from the first samples of ``set_dir``'s subset order: ``image``
     (1, 3, h, w) float32 RGB in [0, 1], the short side at most ``max_side``; a guided
-    method's ``trimap`` / ``mask`` made from the sample's alpha (or its mask)."""
+    method's ``trimap`` / ``mask`` / ``prompt_mask`` made from the sample's alpha (or its mask)."""
     import cv2
     import numpy as np
 

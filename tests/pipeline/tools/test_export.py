@@ -132,13 +132,30 @@ def test_every_guided_method_exports_its_guidance_as_a_named_input(tmp_path, cap
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-def test_a_mam_checkpoint_is_refused_with_the_reason(tmp_path, capsys):
+def test_a_mam_checkpoint_exports_its_prompt_box_as_a_region_mask(tmp_path, capsys):
+    """MAM's prompt enters the graph as ``prompt_mask``, the box drawn as a 0/1 region: ONNX
+    Runtime's alpha equals PyTorch's MAM with the box prompt itself; a point prompt has no
+    region (its connected component does not trace) and says so."""
     from matting_core.methods import get_method
+    from matting_core.methods.mam import box_prompt, point_prompt, prompt_mask
 
+    torch.manual_seed(0)
     m = get_method("mam")
-    checkpoint = save_checkpoint(tmp_path / "mam.pt", m.build(m.method_spec(network="unet_r18x0.25")))
-    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "mam.onnx")]) == 2
-    assert "is a MAM model" in capsys.readouterr().err and not (tmp_path / "mam.onnx").exists()
+    model = m.build(m.method_spec(network="unet_r18x0.25")).eval()
+    checkpoint = save_checkpoint(tmp_path / "mam.pt", model)
+    output = tmp_path / "mam.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(output)]) == 0
+    assert "method mam, inputs image + prompt_mask" in capsys.readouterr().out
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image", "prompt_mask"]
+    image = torch.rand(2, 3, 58, 83, generator=torch.Generator().manual_seed(4))
+    boxes = torch.from_numpy(np.stack([box_prompt(5, 4, 60, 50), box_prompt(20, 0, 82, 30)]))
+    with torch.no_grad():
+        expected = model(image, boxes)["alpha"].numpy()
+    (got,) = session.run(["alpha"], {"image": image.numpy(), "prompt_mask": prompt_mask(boxes, image).numpy()})
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="a point prompt has no region mask"):
+        prompt_mask(torch.from_numpy(point_prompt(3, 4))[None], image[:1])
 
 
 # ----------------------------------------------------------------------------- int8
@@ -244,5 +261,7 @@ def test_calibration_guidance_is_the_methods_format():
     assert trimap[0, 0, 20, 17] == 0.5 and trimap[0, 0, 20, 12] == 1.0 and trimap[0, 0, 0, 0] == 0.0
     mask = guidance_from_alpha("mask", alpha)
     assert set(np.unique(mask)) == {0.0, 1.0} and mask[0, 0, 20, 20] == 1.0
-    with pytest.raises(ValueError, match="trimap' or 'mask'"):
+    region = guidance_from_alpha("prompt_mask", alpha)  # MAM's evaluation box, grown 5 %, as a region
+    assert region[0, 0, 9:31, 9:31].all() and region.sum() == 22 * 22
+    with pytest.raises(ValueError, match="'trimap', 'mask' or 'prompt_mask'"):
         guidance_from_alpha("prompt", alpha)
