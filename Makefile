@@ -18,12 +18,19 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo bench clean-demo help
+.PHONY: install test demo bench clean-demo help mlflow-server
+# `make mlflow-server`: one tracking server for the team (database backend, artifacts served by
+# the server). Stages log to it with MLFLOW_TRACKING_URI=http://<host>:$(MLFLOW_PORT).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_HOME ?= mlflow-server
+MLFLOW_BACKEND ?= sqlite:///$(abspath $(MLFLOW_HOME))/mlflow.db
 
 help:
 	@echo "make demo   - install into $(VENV) and run the whole pipeline (dvc repro, JOBS=$(JOBS) stages at a time) on the embedded data"
 	@echo "make test   - install into $(VENV) and run the test suite"
 	@echo "make bench  - run the benchmarks in benchmarks/ (quick mode)"
+	@echo "make mlflow-server - an MLflow server on $(MLFLOW_HOST):$(MLFLOW_PORT) (MLFLOW_BACKEND=$(MLFLOW_BACKEND), artifacts in $(MLFLOW_HOME)/artifacts)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,3 +51,10 @@ demo: install
 
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+mlflow-server: install
+	@mkdir -p $(MLFLOW_HOME)/artifacts
+	@echo "MLflow server: export MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT)  (backend $(MLFLOW_BACKEND))"
+	exec $(VENV)/bin/mlflow server --backend-store-uri '$(MLFLOW_BACKEND)' \
+		--artifacts-destination '$(abspath $(MLFLOW_HOME))/artifacts' --serve-artifacts \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 2

@@ -151,7 +151,8 @@ def int8_section(args, warmup: int, iters: int) -> None:
     from matting_pipeline.tools.export import calibration_feeds
 
     steps = args.int8_steps or (300 if args.quick else 600)
-    rounds = args.int8_rounds or (3 if args.quick else 5)
+    rounds = args.int8_rounds or 5
+    iters = max(iters, 10)  # a measurement of 3 runs at ~25 FPS is 0.1 s: noise
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         t0 = time.perf_counter()
         if args.checkpoint is None:
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     int8.add_argument("--calibration", type=Path, default=None, help="calibration shard set (with --checkpoint)")
     int8.add_argument("--natural", type=Path, default=None, help="natural validation shard set (with --checkpoint)")
     int8.add_argument("--int8-steps", type=int, default=None, help="training steps of the self-made model (default 600; quick 300)")
-    int8.add_argument("--int8-rounds", type=int, default=None, help="interleaved FPS rounds (default 5; quick 3)")
+    int8.add_argument("--int8-rounds", type=int, default=None, help="interleaved FPS rounds of >= 10 runs each (default 5)")
     args = parser.parse_args(argv)
     if args.checkpoint is not None and (args.calibration is None or args.natural is None):
         parser.error("--checkpoint needs --calibration and --natural (shard set folders)")
