@@ -273,6 +273,21 @@ def test_every_subset_key_once_with_the_blend_identity(workspace, labelled, caps
     assert "up to date" in capsys.readouterr().out
 
 
+def test_the_in_process_labels_are_the_ray_jobs(workspace, labelled, tmp_path):
+    """label_in_process (benchmarks, training-throughput worlds) writes the keys, order,
+    members and labels of the Ray job, without Ray."""
+    plan = stage.make_plan(load_params(workspace / "params.yaml"), 24, 4, workspace / "data", workspace / "models")
+    index = stage.label_in_process(plan, tmp_path / "local", batch_size=3)
+    assert index["keys"] == read_index(labelled)["keys"] and index["order"] == read_index(labelled)["order"]
+    ray_samples = {s["key"]: s for s in iter_samples(labelled)}
+    for sample in iter_samples(tmp_path / "local"):
+        ref = ray_samples[sample["key"]]
+        assert sample["meta"]["pseudolabel"] == ref["meta"]["pseudolabel"]
+        np.testing.assert_array_equal(sample["image"], ref["image"])
+        for role in stage.LABEL_ROLES:  # other batch sizes round differently (~1e-5)
+            assert np.abs(sample[role] - ref[role]).max() <= 5e-4
+
+
 @pytest.mark.slow
 def test_actor_killed_mid_job_is_retried_and_every_key_written_once(workspace, labelled, monkeypatch, tmp_path):
     reference = _shard_digests(labelled)
