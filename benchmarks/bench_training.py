@@ -23,9 +23,9 @@ are the params' too, applied as the stages apply them (``apply_train_settings``)
 Run::
 
     python benchmarks/bench_training.py            # 150 steps per run, 3 rounds
-    python benchmarks/bench_training.py --quick    # 60 steps, 2 rounds (make bench)
+    python benchmarks/bench_training.py --quick    # 60 steps, 3 rounds (make bench)
     python benchmarks/bench_training.py --stages student --steps 200 --profile   # where the loop's time goes
-    python benchmarks/bench_training.py --quick --rounds 3 --variants channels_first   # what channels-last buys
+    python benchmarks/bench_training.py --quick --variants channels_first   # what channels-last buys
     python benchmarks/bench_training.py --quick --stages pretrain --variants compile  # torch.compile (minutes)
 """
 
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     global WARMUP
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--quick", action="store_true", help="a small data set, 60 steps per run, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="a small data set, 60 steps per run, 3 rounds")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 150; quick 60)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds, medians reported (default 3; quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds, medians reported (default 3)")
     ap.add_argument("--warmup", type=int, default=WARMUP, help=f"steps not timed at the start of a run (default {WARMUP})")
     ap.add_argument("--network", default="unet_r18x0.5", help="network of every stage (default unet_r18x0.5)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also print cProfile's top functions of one loop run per stage")
     args = ap.parse_args(argv)
     steps = args.steps or (60 if args.quick else 150)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or 3  # with 2, one noisy pair of runs decides the median
     WARMUP = max(1, min(args.warmup, steps - 2))
     stages = [s for s in args.stages.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
