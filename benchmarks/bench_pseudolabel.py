@@ -42,7 +42,13 @@ from matting_core.checkpoint import load_model, save_checkpoint  # noqa: E402
 from matting_core.models import build_network  # noqa: E402
 from stages import pseudolabel as stage  # noqa: E402
 from matting_pipeline.config import parse_params  # noqa: E402
+from matting_pipeline.layout import Layout  # noqa: E402
 from matting_pipeline.shards import iter_samples, seeded_order, write_shard_set  # noqa: E402
+
+
+def teacher_path(root: Path, seg: int) -> Path:
+    """Where the stage looks for the teacher of cell (seg, 1), study seed 0."""
+    return Layout(data=root / "data", models=root / "models").for_seed(0).model_path("teacher", seg, 1)
 
 
 def make_inputs(root: Path, n: int, size: int, network: str, samples_per_shard: int) -> None:
@@ -58,7 +64,7 @@ def make_inputs(root: Path, n: int, size: int, network: str, samples_per_shard: 
     samples.sort(key=lambda s: position[s[0]])
     write_shard_set(root / "data/shards/seg", "seg", samples, samples_per_shard, subset_seed=0, order=order)
     torch.manual_seed(0)
-    save_checkpoint(root / f"models/teacher/seg{n}-mat1/model.pt", build_network(network))
+    save_checkpoint(teacher_path(root, n), build_network(network))
 
 
 def plain_loop(plan: stage.Plan, out_dir: Path, batch_size: int, device: str) -> float:
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-pseudolabel-") as tmp:
         root = Path(tmp)
         make_inputs(root, n, size, network, samples_per_shard=32)
-        save_checkpoint(root / f"models/teacher/seg{n0}-mat1/model.pt", load_model(root / f"models/teacher/seg{n}-mat1/model.pt")[0])
+        save_checkpoint(teacher_path(root, n0), load_model(teacher_path(root, n))[0])
         params = parse_params({
             "shard": {"samples_per_shard": 32},
             "pseudolabel": {"batch_size": args.batch_size, "num_cpus": cpus},
