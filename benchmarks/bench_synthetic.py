@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=20, help="items per generator at 128 (a quarter at 512)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--no-demo", action="store_true", help="skip the 50/50/250 demo-set timing")
+    parser.add_argument("--quick", action="store_true", help="5 items per generator, 128 px only, no demo set (make bench)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat, args.sizes, args.no_demo = 5, [128], True
 
     print(f"{'generator':<11} {'size':>5} {'items':>5} {'items/s':>8} {'ms/item':>8} {'cpu ms/item':>11}")
     for size in args.sizes:
