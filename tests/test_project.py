@@ -351,3 +351,19 @@ def test_every_training_and_evaluation_stage_runs_once_per_seed(tmp_path):
     want = sorted([f"{group}@{item}-{seed}" for group, items in per_seed.items() for item in items
                    for seed in (0, 3)] + ["ingest", "shard", "composite", "report"])
     assert names == want
+
+
+# ------------------------------------------------------------------------ benchmarks
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("bench_*.py")))
+def test_every_benchmark_takes_the_quick_flag_make_bench_passes(script):
+    """`make bench` runs `<script> --quick` for every benchmark: each must parse it (one did
+    not, and stopped `make bench` there) and explain itself with --help."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--quick" in proc.stdout
