@@ -121,34 +121,24 @@ def trained_model(root: Path, steps: int):
             f"unet_r18x0.5 trained by the pretrain stage from scratch, {steps} steps on 128 synthetic seg samples (seed 0)")
 
 
-def natural_mse(onnx_model: bytes, natural: Path, guidance: str | None) -> float:
-    """Mean over the set's images of the whole-image MSE of ``onnx_model``'s alpha (images at
-    their own size up to a short side of 512; the GT alpha resized alike)."""
-    import cv2
-
-    from matting_core.inference import resize_short_side
-    from matting_core.models.onnx_quant import guidance_from_alpha, ort_alphas
+def natural_mse(models: dict[str, bytes], natural: Path, guidance: str | None) -> dict[str, float]:
+    """Per model, the mean over the set's images of the whole-image MSE of its alpha (images
+    at their own size up to a short side of 512, the GT alpha resized alike: the feeds of
+    ``matting export``'s calibration, :func:`~matting_pipeline.tools.export.sample_feed`)."""
+    from matting_core.models.onnx_quant import ort_alphas
     from matting_pipeline.shards import iter_samples
+    from matting_pipeline.tools.export import sample_feed
 
-    feeds, truths = [], []
-    for sample in iter_samples(natural):
-        image = sample["image"]
-        small = resize_short_side(image, min(512, min(image.shape[:2])))
-        h, w = small.shape[:2]
-        alpha = cv2.resize(np.asarray(sample["alpha"], np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-        feed = {"image": np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0}
-        if guidance is not None:
-            feed[guidance] = guidance_from_alpha(guidance, alpha)
-        feeds.append(feed)
-        truths.append(alpha)
-    return float(np.mean([np.mean((a[0, 0] - t) ** 2) for a, t in zip(ort_alphas(onnx_model, feeds), truths)]))
+    feeds, truths = zip(*(sample_feed(s["image"], s["alpha"], guidance) for s in iter_samples(natural)))
+    return {name: float(np.mean([np.mean((a[0, 0] - t) ** 2) for a, t in zip(ort_alphas(data, feeds), truths)]))
+            for name, data in models.items()}
 
 
 def int8_section(args, warmup: int, iters: int) -> None:
     from matting_core.checkpoint import load_model
-    from matting_core.methods import method_of
-    from matting_core.models.onnx_quant import QUANTIZATION, int8_agreement, quantize_int8
-    from matting_pipeline.tools.export import calibration_feeds
+    from matting_core.models.onnx_export import guidance_input
+    from matting_core.models.onnx_quant import QUANTIZATION
+    from matting_pipeline.tools.export import quantize_from_set
 
     steps = args.int8_steps or (300 if args.quick else 600)
     rounds = args.int8_rounds or 5
@@ -161,11 +151,9 @@ def int8_section(args, warmup: int, iters: int) -> None:
             model, _ = load_model(args.checkpoint)
             model.eval()
             calibration, natural, what = args.calibration, args.natural, str(args.checkpoint)
-        guidance = method_of(model).required_input
+        guidance = guidance_input(model)
         fp32 = export_onnx(model, guidance=guidance)
-        feeds = calibration_feeds(calibration, 40, guidance)
-        int8 = quantize_int8(fp32, feeds[:32])
-        agreement = int8_agreement(fp32, int8, feeds[32:])
+        int8, agreement = quantize_from_set(fp32, calibration, 32, 8, guidance)  # matting export --int8's defaults
         print(f"\n# int8: {QUANTIZATION}; 32 calibration images of {calibration.name}")
         print(f"# model: {what} (made and quantized in {time.perf_counter() - t0:.0f} s, not timed)")
         image = np.random.default_rng(0).random((1, 3, args.size, args.size), dtype=np.float32)
@@ -184,7 +172,7 @@ def int8_section(args, warmup: int, iters: int) -> None:
         for r in range(rounds):  # interleaved, which goes first alternating
             for name in (("fp32", "int8") if r % 2 == 0 else ("int8", "fp32")):
                 fps[name].append(bench_onnx(paths[name], feed, "CPUExecutionProvider", warmup, iters, args.threads))
-        mse = {name: natural_mse(data, natural, guidance) for name, data in (("fp32", fp32), ("int8", int8))}
+        mse = natural_mse({"fp32": fp32, "int8": int8}, natural, guidance)
     med = {k: float(np.median(v)) for k, v in fps.items()}
     change = (mse["int8"] - mse["fp32"]) / mse["fp32"]
     print(f"{'precision':<9} {'ORT CPU FPS':>11} {'natural MSE':>12}   ({args.size}x{args.size} batch 1, median of "

@@ -87,6 +87,7 @@ __all__ = [
     "parse_member_name",
     "parallel_map",
     "default_workers",
+    "usable_cores",
     "iter_encoded_samples",
     "decode_sample",
 ]
@@ -822,13 +823,17 @@ class ShardReader:
 # ---------------------------------------------------------------------------- utilities
 
 
+def usable_cores() -> int:
+    """The CPUs this process may use (its affinity mask on Linux, else the machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """Worker processes for decoding/generation: the CPUs this process may use (at most 8)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    return min(8, usable_cores())
 
 
 def parallel_map(

@@ -330,10 +330,9 @@ def _cell_budgets(job: TrainingJob) -> tuple[int, int]:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict[str, torch.Tensor]:
     """The batch on ``device``; its images in the channels-last layout when the model is."""
-    if channels_last:
-        return {k: v.to(device, non_blocking=True, memory_format=torch.channels_last) if v.dim() == 4
-                else v.to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    image_format = torch.channels_last if channels_last else torch.preserve_format
+    return {k: v.to(device, non_blocking=True, memory_format=image_format if v.dim() == 4 else torch.preserve_format)
+            for k, v in batch.items()}
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
@@ -686,11 +685,9 @@ def _loop(job: TrainingJob, run: _Run, device: torch.device, on_step, progress: 
 
 def _spare_core() -> bool:
     """Whether this process may use more cores than torch's math threads take."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+    from matting_pipeline.shards import usable_cores
+
+    return torch.get_num_threads() < usable_cores()
 
 
 def _batches(dataset: ViewDataset, batch_size: int, start_step: int, num_workers: int):

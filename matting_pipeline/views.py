@@ -75,7 +75,11 @@ class ViewDataset(Dataset):
         same. The cached arrays are read-only: an augmentation that wrote into its input
         would fail instead of changing later epochs."""
         self.cache_bytes = max(0, int(max_bytes))
-        while self._cached_bytes > self.cache_bytes:
+        self._evict_to(self.cache_bytes)
+
+    def _evict_to(self, limit: int) -> None:
+        """Drop the least recently used samples until at most ``limit`` bytes are cached."""
+        while self._cache and self._cached_bytes > limit:
             _, old = self._cache.popitem(last=False)
             self._cached_bytes -= _sample_bytes(old)
 
@@ -90,9 +94,7 @@ class ViewDataset(Dataset):
             for value in sample.values():
                 if isinstance(value, np.ndarray):
                     value.flags.writeable = False
-            while self._cache and self._cached_bytes + size > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= _sample_bytes(old)
+            self._evict_to(self.cache_bytes - size)
             self._cache[key] = sample
             self._cached_bytes += size
         return sample

@@ -386,35 +386,35 @@ def label_encoded_samples(
     return out
 
 
-def label_in_process(plan: Plan, out_dir: Path, batch_size: int = 8, device: str = "cpu") -> dict:
+def label_in_process(plan: Plan, out_dir: Path | None = None, batch_size: int = 8, device: str = "cpu") -> dict:
     """The stage's labels without Ray: one process reads ``plan``'s seg shards, labels
-    ``batch_size`` samples at a time with :func:`label_encoded_samples` and writes the set to
-    ``out_dir`` in the subset's order. Same labels as the Ray job (the benchmarks compare
-    the two paths and time training on these shards); returns the written set's index."""
+    ``batch_size`` samples at a time with :func:`label_encoded_samples` and writes them with
+    :func:`write_labels` (to ``out_dir``, default ``plan.out_dir``). Same labels as the Ray
+    job (the benchmarks compare the two paths and time training on these shards); returns
+    the written set's index."""
     from matting_core.checkpoint import load_model
-    from matting_pipeline.shards import ShardWriter, iter_encoded_samples, read_index
+    from matting_pipeline.shards import iter_encoded_samples
 
     teacher, _ = load_model(plan.teacher_path, map_location=device)
     teacher.requires_grad_(False)
-    with ShardWriter(out_dir, plan.cell, plan.samples_per_shard, plan.subset_seed) as writer:
+
+    def label(batch: list[dict]) -> dict[str, np.ndarray]:
+        encoded = label_encoded_samples(
+            teacher, batch, plan.blend_mode, plan.blend_dilate, device=device, provenance=plan.provenance
+        )
+        return output_rows(batch, encoded)
+
+    def batches():
         batch: list[dict] = []
-
-        def flush() -> None:
-            encoded = label_encoded_samples(
-                teacher, batch, plan.blend_mode, plan.blend_dilate, device=device, provenance=plan.provenance
-            )
-            for sample, members in zip(batch, encoded):
-                writer.add_encoded(sample["key"], members)
-            batch.clear()
-
         for sample in iter_encoded_samples(plan.seg_dir, plan.keys):
             batch.append({"key": sample["key"], "members": sample["members"]})
             if len(batch) == batch_size:
-                flush()
+                yield label(batch)
+                batch = []
         if batch:
-            flush()
-        writer.set_order(plan.keys)
-    return read_index(out_dir)
+            yield label(batch)
+
+    return write_labels(plan, batches(), progress=False, out_dir=out_dir)
 
 
 def _maybe_kill_self(spec: str | None, calls: int) -> None:
@@ -487,13 +487,19 @@ class TeacherLabeler:
             autocast_dtype=self.autocast_dtype,
             provenance=self.provenance,
         )
-        out = {"key": np.array([s["key"] for s in samples], dtype=object)}
-        for role in OUTPUT_COLUMNS[1:]:
-            # object arrays keep bytes exact (a fixed-width "S" array would drop trailing NULs)
-            column = np.empty(len(encoded), dtype=object)
-            column[:] = [members[role][1] for members in encoded]
-            out[role] = column
-        return out
+        return output_rows(samples, encoded)
+
+
+def output_rows(samples: list[dict], encoded: list[dict[str, tuple[str, bytes]]]) -> dict[str, np.ndarray]:
+    """Labelled samples as the job's output columns (``OUTPUT_COLUMNS``), what
+    :func:`write_labels` takes."""
+    out = {"key": np.array([s["key"] for s in samples], dtype=object)}
+    for role in OUTPUT_COLUMNS[1:]:
+        # object arrays keep bytes exact (a fixed-width "S" array would drop trailing NULs)
+        column = np.empty(len(encoded), dtype=object)
+        column[:] = [members[role][1] for members in encoded]
+        out[role] = column
+    return out
 
 
 def build_dataset(plan: Plan, cfg, resources: ActorResources, checkpoint_ref, node_id: str | None):
@@ -598,8 +604,11 @@ def _mismatch_message(plan: Plan, mismatch: dict[str, list[str]]) -> str:
     )
 
 
-def write_labels(plan: Plan, batches: Iterable[Mapping[str, np.ndarray]], progress: bool = True) -> dict:
-    """Write the output rows as a shard set, atomically, after the exactly-once check.
+def write_labels(
+    plan: Plan, batches: Iterable[Mapping[str, np.ndarray]], progress: bool = True, out_dir: Path | None = None
+) -> dict:
+    """Write the output rows as a shard set (to ``out_dir``, default ``plan.out_dir``),
+    atomically, after the exactly-once check.
 
     Repeated or unexpected keys are not written; any mismatch with ``plan.keys`` raises
     :class:`PseudolabelError` (listing the keys) inside the writer, so no directory appears.
@@ -609,7 +618,8 @@ def write_labels(plan: Plan, batches: Iterable[Mapping[str, np.ndarray]], progre
 
     iterator = iter(batches)
     try:
-        with ShardWriter(plan.out_dir, plan.cell, plan.samples_per_shard, plan.subset_seed, plan.fingerprint) as writer:
+        target = plan.out_dir if out_dir is None else out_dir
+        with ShardWriter(target, plan.cell, plan.samples_per_shard, plan.subset_seed, plan.fingerprint) as writer:
             _write_rows(plan, iterator, writer, progress)
     finally:
         close = getattr(iterator, "close", None)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .unet import AlphaOnly
 
-__all__ = ["DEFAULT_OPSET", "GUIDANCE_INPUTS", "export_onnx", "onnx_parity", "sample_guidance"]
+__all__ = ["DEFAULT_OPSET", "GUIDANCE_INPUTS", "export_onnx", "guidance_input", "onnx_parity", "sample_guidance"]
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
@@ -29,6 +29,15 @@ OUTPUT_NAME = "alpha"
 
 
 GUIDANCE_INPUTS = ("trimap", "mask", "prompt_mask")
+
+
+def guidance_input(model: nn.Module) -> str | None:
+    """The second ONNX input of ``model``'s method: None (MLB), ``trimap``, ``mask`` or, for
+    MAM's prompt, ``prompt_mask``."""
+    from matting_core.methods import method_of
+
+    kind = method_of(model).required_input
+    return "prompt_mask" if kind == "prompt" else kind
 
 
 class GuidedAlpha(nn.Module):

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from matting_core.checkpoint import load_model
-    from matting_core.models.onnx_export import DEFAULT_OPSET, export_onnx, onnx_parity
+    from matting_core.models.onnx_export import DEFAULT_OPSET, export_onnx, guidance_input, onnx_parity
     from matting_pipeline.atomic import write_bytes
 
     if not args.checkpoint.is_file():
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_model(args.checkpoint)  # a CheckpointError is one line from cli.main, exit 2
     from matting_core.methods import method_of
 
-    guidance = method_of(model).required_input
-    if guidance == "prompt":
+    guidance = guidance_input(model)  # MAM: the prompt box as a region mask (point prompts do not trace)
+    if guidance == "prompt_mask":
         from matting_core.methods.mam import OwnSegmenter
 
         if not isinstance(getattr(model, "segmenter", None), OwnSegmenter):
@@ -75,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
                   "which is not part of the checkpoint; only MAM with the project's own segmenter exports",
                   file=sys.stderr)
             return 2
-        guidance = "prompt_mask"  # the prompt box as a region mask (point prompts do not trace)
     opset = args.opset or DEFAULT_OPSET
     data = export_onnx(model, opset=opset, metadata={"network_spec": info["network_spec"]}, guidance=guidance)
     if args.check:
@@ -96,15 +95,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def calibration_feeds(set_dir: Path, count: int, guidance: str | None, max_side: int = 512) -> list[dict]:
-    """``count`` feeds from the first samples of ``set_dir``'s subset order: ``image``
-    (1, 3, h, w) float32 RGB in [0, 1], the short side at most ``max_side``; a guided
-    method's ``trimap`` / ``mask`` / ``prompt_mask`` made from the sample's alpha (or its mask)."""
+def sample_feed(image, alpha, guidance: str | None, max_side: int = 512):
+    """``(feed, alpha)`` of one shard sample for the exported model: ``image`` (1, 3, h, w)
+    float32 RGB in [0, 1] with the short side at most ``max_side``, ``alpha`` (H, W) resized
+    alike (None stays None), and a guided method's ``trimap`` / ``mask`` / ``prompt_mask``
+    made from that alpha."""
     import cv2
     import numpy as np
 
     from matting_core.inference import resize_short_side
     from matting_core.models.onnx_quant import guidance_from_alpha
+
+    small = resize_short_side(image, min(max_side, min(image.shape[:2])))
+    feed = {"image": np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0}
+    if alpha is not None:
+        h, w = small.shape[:2]
+        alpha = cv2.resize(np.asarray(alpha, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    if guidance is not None:
+        feed[guidance] = guidance_from_alpha(guidance, alpha)
+    return feed, alpha
+
+
+def calibration_feeds(set_dir: Path, count: int, guidance: str | None, max_side: int = 512) -> list[dict]:
+    """``count`` feeds (:func:`sample_feed`) from the first samples of ``set_dir``'s subset
+    order; a guided method's guidance is made from each sample's alpha (or its mask)."""
     from matting_pipeline.cli import StageError
     from matting_pipeline.shards import iter_samples, read_index, subset_keys
 
@@ -117,33 +131,34 @@ def calibration_feeds(set_dir: Path, count: int, guidance: str | None, max_side:
                          f"{count}: lower them")
     feeds = []
     for sample in iter_samples(set_dir, subset_keys(set_dir, count)):
-        image = sample["image"]
-        small = resize_short_side(image, min(max_side, min(image.shape[:2])))
-        feed = {"image": np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0}
-        if guidance is not None:
-            source = sample.get("alpha", sample.get("mask"))
-            if source is None:
-                raise StageError(f"{set_dir}: sample {sample['key']} has no alpha or mask to make the "
-                                 f"{guidance} of the calibration from; use a set that has (data/composite/train)")
-            h, w = small.shape[:2]
-            source = cv2.resize(np.asarray(source, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-            feed[guidance] = guidance_from_alpha(guidance, source)
-        feeds.append(feed)
+        source = sample.get("alpha", sample.get("mask")) if guidance is not None else None
+        if guidance is not None and source is None:
+            raise StageError(f"{set_dir}: sample {sample['key']} has no alpha or mask to make the "
+                             f"{guidance} of the calibration from; use a set that has (data/composite/train)")
+        feeds.append(sample_feed(sample["image"], source, guidance, max_side)[0])
     return feeds
+
+
+def quantize_from_set(fp32: bytes, set_dir: Path, calibration_count: int, check_count: int,
+                      guidance: str | None) -> tuple[bytes, dict[str, float]]:
+    """``(int8 model, agreement)``: ``fp32`` quantized on the first ``calibration_count``
+    samples of ``set_dir`` and compared with it on the next ``check_count``
+    (:func:`~matting_core.models.onnx_quant.int8_agreement`)."""
+    from matting_core.models.onnx_quant import int8_agreement, quantize_int8
+
+    feeds = calibration_feeds(set_dir, calibration_count + check_count, guidance)
+    data = quantize_int8(fp32, feeds[:calibration_count], metadata={"calibration_set": set_dir.as_posix()})
+    return data, int8_agreement(fp32, data, feeds[calibration_count:])
 
 
 def _int8(fp32: bytes, args: argparse.Namespace, guidance: str | None) -> bytes | None:
     """The int8 model of ``fp32`` when it passes its agreement check, else None (said why)."""
-    from matting_core.models.onnx_quant import int8_agreement, quantize_int8
     from matting_pipeline.cli import StageError
 
     if args.calibration_count < 1 or args.check_count < 1:
         raise StageError("--calibration-count and --check-count must be >= 1")
-    feeds = calibration_feeds(args.calibration, args.calibration_count + args.check_count, guidance)
-    calibration, held_out = feeds[: args.calibration_count], feeds[args.calibration_count :]
-    data = quantize_int8(fp32, calibration, metadata={"calibration_set": args.calibration.as_posix()})
-    agreement = int8_agreement(fp32, data, held_out)
-    print(f"int8 vs fp32 on {len(held_out)} held-out images of {args.calibration}: mean abs alpha difference "
+    data, agreement = quantize_from_set(fp32, args.calibration, args.calibration_count, args.check_count, guidance)
+    print(f"int8 vs fp32 on {args.check_count} held-out images of {args.calibration}: mean abs alpha difference "
           f"{agreement['mean_abs']:.4f} (tolerance {args.int8_tolerance:g}), 99th percentile "
           f"{agreement['p99_abs']:.4f}, max {agreement['max_abs']:.4f}")
     if not agreement["mean_abs"] <= args.int8_tolerance:
