@@ -51,6 +51,25 @@ class DataConfig(_Section):
         description="{name: dir} validation sets; the set is called val-<name> (name: a-z, 0-9, _ or -)",
     )
     synthetic: SyntheticConfig = SyntheticConfig()
+    shard_url: str | None = Field(
+        None,
+        description="where the stages read shard sets from and publish them to: an s3://, gs://, "
+        "http(s):// or file:// URL standing for the data root (set <data>/shards/seg is read from "
+        "<shard_url>/shards/seg, verified against the local index.json); None = the local files. "
+        "Reading from it changes no result, so it is no DVC param dep",
+    )
+
+    @field_validator("shard_url")
+    @classmethod
+    def _shard_url_scheme(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.fullmatch(r"(s3|gs|https?|file)://[^\s]+", v):
+            raise ValueError(
+                "must be an s3://, gs://, http(s):// or file:// URL (e.g. s3://my-bucket/matting), "
+                "or null to read the local shard sets"
+            )
+        return v
 
     @field_validator("val")
     @classmethod
