@@ -23,13 +23,23 @@ index before use, and every member name must be ``<key>.json`` or ``<key>.<role>
 with a key the index places in that shard -- absolute paths, ``..``, directories, links
 and unexpected names are refused with an error naming the shard.
 
+Object storage (``data.shard_url``, :mod:`matting_pipeline.shard_store`): once a stage has
+called ``shard_store.activate``, the readers below read a set under the data root from
+its URL instead -- the local ``index.json`` must exist and equal the remote one byte for
+byte, and every remote tar must match the index's sha256 (always, whatever ``verify``
+says). Sequential readers stream each tar through ``webdataset.gopen`` and verify it
+before yielding any of its samples; :class:`ShardReader` fetches the tars it needs into a
+content-addressed local cache and then reads exactly as from local files (same keys,
+order and :meth:`ShardReader.content_digest`).
+
 Public API::
 
     ShardWriter(set_dir, set_name, samples_per_shard, subset_seed=0, fingerprint=None)
     write_shard_set(set_dir, set_name, samples, samples_per_shard, subset_seed=0,
                     order=None, fingerprint=None) -> dict
     seeded_order(keys, seed, set_name) -> list[str]
-    read_index(set_dir) -> dict
+    read_index(set_dir, local=False) -> dict
+    shard_files(set_dir, names, verify=True) -> list[Path]
     subset_keys(set_dir, n) -> list[str]
     iter_samples(set_dir, keys=None, verify=True, roles=None) -> Iterator[dict]
     load_samples(set_dir, n=None, verify=True, roles=None) -> list[dict]
@@ -62,7 +72,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from matting_pipeline import shard_store
 from matting_pipeline.atomic import atomic_dir, file_sha256
+from matting_pipeline.shard_errors import ShardError, ShardIntegrityError, UnsafeMemberError
+from matting_pipeline.shard_store import INDEX_NAME
 
 __all__ = [
     "ShardError",
@@ -75,6 +88,7 @@ __all__ = [
     "write_shard_set",
     "seeded_order",
     "read_index",
+    "shard_files",
     "subset_keys",
     "iter_samples",
     "load_samples",
@@ -92,7 +106,6 @@ __all__ = [
     "decode_sample",
 ]
 
-INDEX_NAME = "index.json"
 PNG_COMPRESSION = 3
 KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _MEMBER_PATTERN = re.compile(
@@ -116,18 +129,6 @@ ROLE_KINDS: dict[str, str] = {
     "teacher_boundary": "unit16",
     "blended": "unit16",
 }
-
-
-class ShardError(ValueError):
-    """A shard set is missing, malformed or inconsistent with its index."""
-
-
-class ShardIntegrityError(ShardError):
-    """A shard's bytes do not match the sha256 (or sample count) recorded in the index."""
-
-
-class UnsafeMemberError(ShardError):
-    """A tar member has an absolute path, ``..``, a non-file type or an unexpected name."""
 
 
 # ---------------------------------------------------------------------------- codecs
@@ -480,19 +481,28 @@ _INDEX_FIELDS = {
 }
 
 
-def read_index(set_dir: str | Path) -> dict:
+def read_index(set_dir: str | Path, local: bool = False) -> dict:
     """Load and check ``<set_dir>/index.json``.
 
+    When the set is read from object storage (:func:`matting_pipeline.shard_store.source_of`),
+    the remote ``index.json`` must equal this local one byte for byte; ``local=True`` skips
+    that (a producing stage checking its own output).
+
     Raises:
-        ShardError: missing index (names the stage to run) or an inconsistent one.
+        ShardError: missing index (names the stage to run), an inconsistent one, or a remote
+        index that is missing or another version (names the fix).
     """
     path = Path(set_dir) / INDEX_NAME
     if not path.is_file():
         raise ShardError(f"{path}: not found; build this shard set first (`matting shard` / `matting composite`)")
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        index = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as err:
         raise ShardError(f"{path}: unreadable index ({err})") from None
+    source = Path(set_dir) if local else shard_store.source_of(set_dir)
+    if isinstance(source, str):
+        shard_store.check_remote_index(set_dir, source, raw)
     for field, typ in _INDEX_FIELDS.items():
         if not isinstance(index.get(field), typ):
             raise ShardError(f"{path}: field {field!r} missing or not a {typ.__name__}")
@@ -546,11 +556,16 @@ def _read_shard_bytes(set_dir: Path, shard: dict, verify: bool) -> bytes:
     return data
 
 
-def _iter_shard(data: bytes, shard_name: str, expected: set[str], wanted: set[str] | None) -> Iterator[dict]:
+def _iter_shard(
+    fileobj: Any, shard_name: str, expected: set[str], wanted: set[str] | None, stream: bool = False
+) -> Iterator[dict]:
     """Group one tar's members into encoded samples ``{"key", "members": {role: (ext, bytes)}}``.
 
     Checks every member name and type, that keys belong to this shard, that a sample's
     members are contiguous and unique, that each has a meta, and that all expected keys appear.
+    ``stream``: read ``fileobj`` front to back (``tarfile`` mode ``r|``, as
+    ``webdataset.tariterators`` does), e.g. a ``webdataset.gopen`` stream; unlike
+    WebDataset's iterator, which skips links and directories, they are refused here too.
     """
     seen: set[str] = set()
     current: dict | None = None
@@ -561,11 +576,11 @@ def _iter_shard(data: bytes, shard_name: str, expected: set[str], wanted: set[st
         return sample if wanted is None or sample["key"] in wanted else None
 
     try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+        tf = tarfile.open(fileobj=fileobj, mode="r|" if stream else "r:")
     except tarfile.TarError as err:
         raise ShardIntegrityError(f"{shard_name}: not a readable tar ({err})") from None
     with tf:
-        for member in tf:
+        for member in _members(tf, shard_name):
             key, role, ext = parse_member_name(member.name, shard_name)
             if not member.isfile():
                 raise UnsafeMemberError(f"{shard_name}: refused member {member.name!r}: not a regular file")
@@ -592,6 +607,32 @@ def _iter_shard(data: bytes, shard_name: str, expected: set[str], wanted: set[st
         raise ShardIntegrityError(f"{shard_name}: {len(missing)} indexed sample(s) missing, e.g. {missing[:3]}")
 
 
+def _members(tf: tarfile.TarFile, shard_name: str) -> Iterator[tarfile.TarInfo]:
+    """``tf``'s members; a damaged tar (truncated, bad header) is a :class:`ShardIntegrityError`."""
+    members = iter(tf)
+    while True:
+        try:
+            member = next(members)
+        except StopIteration:
+            return
+        except tarfile.TarError as err:
+            raise ShardIntegrityError(f"{shard_name}: damaged tar ({err})") from None
+        yield member
+
+
+def _shard_samples(
+    set_dir: Path, source: str | Path, shard: dict, expected: set[str], wanted: set[str] | None, verify: bool
+) -> Iterable[dict]:
+    """The encoded samples of one shard (:func:`_iter_shard`), from ``source``: a local set
+    (read whole, sha256 checked first when ``verify``) or a URL (streamed through
+    ``webdataset.gopen``, always verified: the samples are returned only after the whole
+    stream matched the index's sha256)."""
+    if isinstance(source, Path):
+        return _iter_shard(io.BytesIO(_read_shard_bytes(set_dir, shard, verify)), shard["name"], expected, wanted)
+    with shard_store.open_verified(f"{source}/{shard['name']}", shard["sha256"]) as stream:
+        return list(_iter_shard(stream, shard["name"], expected, wanted, stream=True))
+
+
 def iter_encoded_samples(
     set_dir: str | Path, keys: Iterable[str] | None = None, verify: bool = True
 ) -> Iterator[dict]:
@@ -603,6 +644,7 @@ def iter_encoded_samples(
     """
     set_dir = Path(set_dir)
     index = read_index(set_dir)
+    source = shard_store.source_of(set_dir)
     wanted: set[str] | None = None
     if keys is not None:
         wanted = set(keys)
@@ -618,8 +660,7 @@ def iter_encoded_samples(
             continue
         if len(expected) != shard["count"]:
             raise ShardError(f"{set_dir / INDEX_NAME}: shard {shard['name']} count disagrees with shard_of")
-        data = _read_shard_bytes(set_dir, shard, verify)
-        for sample in _iter_shard(data, shard["name"], expected, wanted):
+        for sample in _shard_samples(set_dir, source, shard, expected, wanted, verify):
             sample["shard"] = shard["name"]
             ext, blob = sample["members"]["meta"]
             try:
@@ -679,25 +720,54 @@ def load_samples(
     return list(iter_samples(set_dir, keys=keys, verify=verify, roles=roles))
 
 
-def verify_set(set_dir: str | Path) -> dict:
-    """Check every shard's sha256 and member names without decoding images; returns the index."""
+def _shard_paths(set_dir: Path, index: dict, names: Iterable[str], verify: bool) -> dict[str, Path]:
+    """``{name: local file}`` for the shards ``names`` of ``set_dir`` (see :func:`shard_files`)."""
+    wanted = set(names)
+    source = shard_store.source_of(set_dir)
+    paths: dict[str, Path] = {}
+    for shard in index["shards"]:
+        name = shard["name"]
+        if name not in wanted:
+            continue
+        if isinstance(source, str):
+            paths[name] = shard_store.fetch(f"{source}/{name}", shard["sha256"], verify_cached=verify)
+            continue
+        path = set_dir / name
+        if not path.is_file():
+            raise ShardIntegrityError(f"{path}: missing shard; rebuild the set")
+        if verify:
+            digest = file_sha256(path)
+            if digest != shard["sha256"]:
+                raise ShardIntegrityError(
+                    f"{path}: sha256 mismatch (index {shard['sha256'][:12]}..., file {digest[:12]}...); "
+                    "the shard is corrupt or was modified -- rebuild the set"
+                )
+        paths[name] = path
+    unknown = wanted - set(paths)
+    if unknown:
+        raise ShardError(f"{set_dir / INDEX_NAME}: no shard(s) {sorted(unknown)[:3]} in the index")
+    return paths
+
+
+def shard_files(set_dir: str | Path, names: Iterable[str] | None = None, verify: bool = True) -> list[Path]:
+    """Local tar files of the shards ``names`` (default: all), in index order, checked
+    against the index's sha256 when ``verify``: the set's own files, or -- when the set is
+    read from object storage -- verified copies in the fetch cache
+    (:func:`matting_pipeline.shard_store.fetch`; downloads are always verified). For readers
+    that open tars themselves (the pseudolabel stage's Ray Data job)."""
     set_dir = Path(set_dir)
     index = read_index(set_dir)
-    per_shard: dict[str, set[str]] = {}
-    for key, name in index["shard_of"].items():
-        per_shard.setdefault(name, set()).add(key)
-    for shard in index["shards"]:
-        data = _read_shard_bytes(set_dir, shard, verify=True)
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            seen = set()
-            for member in tf:
-                key, _, _ = parse_member_name(member.name, shard["name"])
-                if not member.isfile() or key not in per_shard.get(shard["name"], set()):
-                    raise UnsafeMemberError(f"{shard['name']}: refused member {member.name!r}")
-                seen.add(key)
-        if seen != per_shard.get(shard["name"], set()):
-            raise ShardIntegrityError(f"{shard['name']}: indexed samples missing")
-    return index
+    names = [s["name"] for s in index["shards"]] if names is None else list(names)
+    paths = _shard_paths(set_dir, index, names, verify)
+    return [paths[s["name"]] for s in index["shards"] if s["name"] in paths]
+
+
+def verify_set(set_dir: str | Path) -> dict:
+    """Check every shard's sha256, member names and sample grouping without decoding images
+    (from the set's URL when it is read from object storage); returns the index."""
+    for _ in iter_encoded_samples(set_dir, verify=True):
+        pass
+    return read_index(set_dir)
 
 
 # ---------------------------------------------------------------------------- random access
@@ -711,7 +781,9 @@ class ShardReader:
     sample's members. Member names are checked as the shard reader does
     (:func:`parse_member_name`), so unsafe or unexpected names are refused.
     File handles are opened lazily per process (safe with DataLoader workers) and read
-    with ``pread`` (safe from several threads: the trainer's prefetch thread).
+    with ``pread`` (safe from several threads: the trainer's prefetch thread). A set read
+    from object storage is fetched first, tar by tar, into the verified local cache
+    (:func:`shard_files`); reading then goes exactly as from the local set.
 
     Args:
         set_dir: the shard set directory.
@@ -731,16 +803,12 @@ class ShardReader:
         needed = {index["shard_of"][k] for k in self.keys}
         self._shard_sha256 = {s["name"]: s["sha256"] for s in index["shards"] if s["name"] in needed}
         self._members: dict[str, dict[str, tuple[str, int, int, str]]] = {}
+        self._paths = _shard_paths(self.set_dir, index, needed, verify)
         for shard in index["shards"]:
             name = shard["name"]
             if name not in needed:
                 continue
-            path = self.set_dir / name
-            if verify and file_sha256(path) != shard["sha256"]:
-                raise ShardError(
-                    f"{path}: sha256 does not match the index; the shard is corrupt or was modified -- rebuild the set"
-                )
-            with tarfile.open(path, mode="r:") as tf:
+            with tarfile.open(self._paths[name], mode="r:") as tf:
                 for member in tf:
                     key, role, ext = parse_member_name(member.name, name)
                     if not member.isfile():
@@ -771,7 +839,7 @@ class ShardReader:
             self._handles, self._pid = {}, os.getpid()
         fh = self._handles.get(shard)
         if fh is None:
-            fh = self._handles[shard] = open(self.set_dir / shard, "rb")
+            fh = self._handles[shard] = open(self._paths[shard], "rb")
         data = os.pread(fh.fileno(), size, offset)  # positional: threads sharing a handle never race
         if len(data) != size:
             raise ShardError(f"{self.set_dir / shard}: truncated at byte {offset} (wanted {size})")
