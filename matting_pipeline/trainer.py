@@ -745,12 +745,15 @@ def apply_train_settings(job: TrainingJob, params) -> TrainingJob:
 
 
 def run_training_stage(stage: str, build_job: Callable[..., Any], args, label: str | None = None) -> int:
-    """The ``run`` of every training stage: load params, pick the device, build the job
-    with ``build_job(args, params, device)``, train, report where the model went."""
+    """The ``run`` of every training stage: load params, read the shard sets from
+    ``data.shard_url`` when set (:func:`matting_pipeline.shard_store.activate`), pick the device,
+    build the job with ``build_job(args, params, device)``, train, report where the model went."""
+    from matting_pipeline import shard_store
     from matting_pipeline.config import load_params
 
     def body():
         params = load_params(args.params)
+        shard_store.activate(params.data.shard_url, args.data_root)  # where the shard sets are read
         tracking.check_reachable()  # seconds, not minutes of retries after the data is loaded
         set_math_threads(params.train.threads)
         device = resolve_device(args.device or params.train.device)

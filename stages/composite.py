@@ -35,6 +35,9 @@ background), so ``image = alpha * fg + (1 - alpha) * bg`` holds for every sample
 composition loss needs no special case.
 
 RGBA cutouts: their RGB is used as the foreground colour as is (straight colour).
+
+With ``data.shard_url`` set, the matte and background sets are read from there (verified) and
+both outputs are published there (``matting_pipeline.shard_store``).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import cv2
 import numpy as np
 
 from matting_core.compositing import composite, composite_two_instances, fit_background, layer_two_instances
-from matting_pipeline import shards
+from matting_pipeline import shard_store, shards
 from matting_pipeline.config import CompositeConfig, load_params
 from matting_pipeline.atomic import code_digest
 from matting_pipeline.layout import Layout
@@ -278,7 +281,7 @@ def composite_all(
     indexes = {}
     for set_name in wanted:
         try:
-            index = None if force else shards.read_index(out_root / set_name)
+            index = None if force else shards.read_index(out_root / set_name, local=True)
         except shards.ShardError:
             index = None
         if index is not None and index.get("fingerprint") == digest:
@@ -322,10 +325,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    shard_store.activate(params.data.shard_url, args.data_root)  # matte/background read from there when set
     try:
-        composite_all(
+        indexes = composite_all(
             params.composite, args.data_root, params.shard.samples_per_shard, args.workers, not args.no_progress, args.force
         )
+        layout = Layout(data=args.data_root)
+        shard_store.publish_stage_sets(params.data.shard_url, args.data_root,
+                                       [layout.composite_set(name) for name in indexes], progress=not args.no_progress)
     except (CompositeError, shards.ShardError) as err:
         print(f"matting composite: error: {err}", file=sys.stderr)
         return 1

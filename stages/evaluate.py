@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matting_pipeline import atomic, tracking
+from matting_pipeline import atomic, shard_store, tracking
 from matting_pipeline.config import COMPARED_METHODS, load_params
 from matting_pipeline.layout import MODEL_NAME, Layout, cell_kind, cell_name
 
@@ -477,6 +477,7 @@ def run(args: argparse.Namespace) -> int:
     # a corrupt checkpoint or an unreachable server raises a user error: `matting`'s entry
     # (cli.main) prints it as one `matting evaluate: error: ...` line, exit 2
     params = load_params(args.params)
+    shard_store.activate(params.data.shard_url, args.data_root)  # validation sets read from there when set
     set_math_threads(params.train.threads)  # metrics must not depend on the runner's thread count
     if not args.no_mlflow:
         tracking.check_reachable()  # before the evaluation, not after it

@@ -27,6 +27,9 @@ Ray: a local Ray (``pseudolabel.num_cpus`` CPUs, no dashboard, auth disabled) un
 ``RAY_ADDRESS`` names a cluster to join (the code in ``stages/``, ``matting_pipeline/`` and ``matting_core/`` is
 shipped to it; run the stage on a node of that cluster: shards are read on the driver's
 node, ``ray://`` client addresses are refused). An already-initialised Ray is reused.
+With ``data.shard_url`` (:mod:`matting_pipeline.shard_store`) the seg tars come from object
+storage, fetched and verified into the driver's shard cache, which the readers then read;
+the labels are published there once written.
 
 Output ``data/pseudolabels/seed<k>/seg<S>-mat<M>/`` (docs/FORMATS.md): one sample per subset key, in
 the subset's order, with members ``image`` and ``mask`` (bytes copied from the seg shard),
@@ -141,21 +144,9 @@ def make_plan(
         raise PseudolabelError(
             f"{teacher_path} not found; train the teacher first: `matting teacher --seg {seg_count} --mat {mat_count}`"
         )
+    # verified local tars: the set's own, or (data.shard_url) copies fetched into the shard cache
     needed = {index["shard_of"][k] for k in keys}
-    shard_paths = []
-    for shard in index["shards"]:
-        if shard["name"] not in needed:
-            continue
-        path = seg_dir / shard["name"]
-        if not path.is_file():
-            raise shards.ShardIntegrityError(f"{path}: missing shard; rebuild the seg set (`matting shard`)")
-        digest = file_sha256(path)
-        if digest != shard["sha256"]:
-            raise shards.ShardIntegrityError(
-                f"{path}: sha256 mismatch (index {shard['sha256'][:12]}..., file {digest[:12]}...); "
-                "the shard is corrupt or was modified -- rebuild the set (`matting shard`)"
-            )
-        shard_paths.append(str(path.resolve()))
+    shard_paths = [str(path.resolve()) for path in shards.shard_files(seg_dir, needed)]
     blend = params.train.student.blend
     # the teacher's weights, not its file: two runs training the same teacher write the same labels
     teacher_sha256 = model_identity(teacher_path)
@@ -204,7 +195,7 @@ def is_up_to_date(plan: Plan) -> bool:
     from matting_pipeline import shards
 
     try:
-        index = shards.read_index(plan.out_dir)
+        index = shards.read_index(plan.out_dir, local=True)
     except shards.ShardError:
         return False
     return index.get("fingerprint") == plan.fingerprint and tuple(index["order"]) == plan.keys
@@ -289,12 +280,15 @@ def connect_ray(cfg, quiet: bool = True) -> bool:
 
     - Ray already initialised in this process: reused (returns False).
     - ``RAY_ADDRESS`` set: join that cluster, shipping ``stages/`` and ``matting_core/`` as
-      ``py_modules`` (the nodes need the dependencies, not the project). ``ray://`` client
+      ``py_modules`` (the nodes need the dependencies, not the project), and the shard-store
+      variables (``data.shard_url``) as ``env_vars``. ``ray://`` client
       addresses are refused: the driver must run on a cluster node, where it reads the shards.
     - Otherwise: a local Ray with ``cfg.num_cpus`` CPUs (all when None), no dashboard,
       ``RAY_AUTH_MODE=disabled`` and usage stats off (unless the environment says otherwise).
     """
     import ray
+
+    from matting_pipeline import shard_store
 
     if ray.is_initialized():
         return False
@@ -309,7 +303,12 @@ def connect_ray(cfg, quiet: bool = True) -> bool:
                 "shards and writes the labels on its own disk. Run the stage on a node of the cluster "
                 "(ssh to the head node, or `ray job submit`) with RAY_ADDRESS=auto or <head-ip>:6379"
             )
-        runtime_env = {"py_modules": [str(_REPO / pkg) for pkg in ("stages", "matting_pipeline", "matting_core")]}
+        runtime_env: dict[str, Any] = {
+            "py_modules": [str(_REPO / pkg) for pkg in ("stages", "matting_pipeline", "matting_core")]
+        }
+        shard_env = shard_store.env_vars()  # data.shard_url: the cluster's workers read the same sets
+        if shard_env:
+            runtime_env["env_vars"] = shard_env
         ray.init(address=address, runtime_env=runtime_env, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -716,14 +715,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from matting_pipeline import shard_store
     from matting_pipeline.config import ConfigError, load_params
     from matting_pipeline.shards import ShardError
 
     try:
         params = load_params(args.params)
+        shard_store.activate(params.data.shard_url, args.data_root)  # seg read from there, labels published
         plan = make_plan(params, args.seg, args.mat, args.data_root, args.models_root, args.seed)
         if not args.force and is_up_to_date(plan):
             print(f"pseudolabel {plan.cell}: {plan.out_dir} is up to date ({len(plan.keys)} samples; --force relabels)")
+            shard_store.publish_stage_sets(params.data.shard_url, args.data_root, [plan.out_dir], progress=False)
             return 0
         started = connect_ray(params.pseudolabel)
         try:
@@ -733,6 +735,8 @@ def run(args: argparse.Namespace) -> int:
                 import ray
 
                 ray.shutdown()
+        shard_store.publish_stage_sets(params.data.shard_url, args.data_root, [plan.out_dir],
+                                       progress=not args.no_progress)
     except (PseudolabelError, ShardError, ConfigError, ValueError) as err:
         print(f"matting pseudolabel: error: {err}", file=sys.stderr)
         return 2

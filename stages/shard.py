@@ -16,7 +16,8 @@ Members per set: ``matte`` fg + alpha; ``background`` image; ``seg`` image + mas
 ``val-<name>`` image + alpha (+ trimap). The meta is the manifest entry.
 
 Each set is written atomically and skipped when its index already records the same
-inputs (manifest entries, shard params, code version) -- ``--force`` rebuilds.
+inputs (manifest entries, shard params, code version) -- ``--force`` rebuilds. With
+``data.shard_url`` set, every set is then published there (``matting_pipeline.shard_store``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matting_pipeline import shards
+from matting_pipeline import shard_store, shards
 from matting_pipeline.config import ShardConfig, load_params
 from matting_pipeline.atomic import code_digest
 from matting_pipeline.layout import Layout
@@ -98,7 +99,7 @@ def shard_set(
     digest = fingerprint(entries, cfg)
     if not force:
         try:
-            index = shards.read_index(out_dir)
+            index = shards.read_index(out_dir, local=True)
         except shards.ShardError:
             index = None
         if index is not None and index.get("fingerprint") == digest:
@@ -167,8 +168,12 @@ def budget_problems(params, counts: dict[str, int]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    shard_store.activate(params.data.shard_url, args.data_root)
     try:
         indexes = shard_all(params.shard, args.data_root, args.workers, not args.no_progress, args.force)
+        layout = Layout(data=args.data_root)
+        shard_store.publish_stage_sets(params.data.shard_url, args.data_root,
+                                       [layout.shard_set(name) for name in indexes], progress=not args.no_progress)
     except (IngestError, shards.ShardError) as err:
         print(f"matting shard: error: {err}", file=sys.stderr)
         return 1

@@ -362,3 +362,59 @@ def test_file_url_round_trip(store, tmp_path):
     _same_samples(shards.load_samples(store.set_dir), local)
     reader = shards.ShardReader(store.set_dir)
     _same_samples([reader.read(k) for k in reader.keys], local)
+
+
+# ------------------------------------------------------------------------ the stages
+
+
+def test_stages_publish_their_sets_and_read_them_from_the_url(store, tmp_path, monkeypatch, capfd):
+    """shard and composite publish; composite reads matte/background from the bucket; the
+    pseudolabel stage's readers get verified cache copies and label exactly as from the local set."""
+    import torch
+
+    from matting_core.checkpoint import save_checkpoint
+    from matting_core.models import build_network
+    from matting_pipeline.cli import main as matting
+    from matting_pipeline.config import load_params
+    from stages import pseudolabel
+
+    root = tmp_path / "work"
+    root.mkdir()
+    raw = {
+        "data": {"synthetic": {"image_size": 32, "matte": 10, "background": 8, "seg": 12, "val_natural": 3},
+                 "shard_url": store.base},
+        "shard": {"samples_per_shard": 4},
+        "study": {"seg": [12], "mat": [4]},
+        "composite": {"backgrounds_per_fg": 1, "val_foregrounds": 3, "val_backgrounds": 2, "val_backgrounds_per_fg": 1},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(root)  # the stages' working directory (manifest paths are relative to it)
+    for stage in ("ingest", "shard", "composite"):
+        assert matting([stage, "--no-progress"]) == 0, stage
+    log = capfd.readouterr().err
+    published = ["shards/matte", "shards/background", "shards/seg", "shards/val-natural",
+                 "composite/train", "composite/val-composited"]
+    for rel in published:
+        assert f"published to {store.base}/{rel}" in log
+        remote = store.client.get_object(Bucket=store.bucket, Key=f"matting/{rel}/index.json")["Body"].read()
+        assert remote == (Path("data") / rel / "index.json").read_bytes()
+    assert f"matte: {store.base}/shards/matte (verified against data/shards/matte/index.json)" in log
+    # rerun: up to date here and there, nothing uploaded
+    store.requests.lines.clear()
+    assert matting(["shard", "--no-progress"]) == 0
+    assert store.requests.calls("PUT", store.bucket) == []
+    assert "already at" in capfd.readouterr().err
+
+    torch.manual_seed(0)
+    save_checkpoint(Path("models/seed0/teacher/seg12-mat4/model.pt"), build_network("unet_r18x0.25"))
+    params = load_params("params.yaml")
+    shard_store.activate(params.data.shard_url, "data")
+    plan = pseudolabel.make_plan(params, 12, 4, "data", "models")
+    cache = Path(os.environ[shard_store.CACHE_ENV]).resolve()
+    assert plan.shard_paths and all(Path(p).parent == cache for p in plan.shard_paths)
+    remote_labels = pseudolabel.label_in_process(plan, out_dir=tmp_path / "remote-labels")
+    shard_store.activate(None, "data")
+    local_plan = pseudolabel.make_plan(params, 12, 4, "data", "models")
+    assert all(Path(p).is_relative_to(root) for p in local_plan.shard_paths)
+    local_labels = pseudolabel.label_in_process(local_plan, out_dir=tmp_path / "local-labels")
+    assert remote_labels["shards"] == local_labels["shards"]  # the same bytes, shard for shard
