@@ -16,7 +16,7 @@ With ``data.shard_url`` set (params.yaml), the shard sets under the data root al
 - Exactness: a set read from the URL is the version DVC tracks here. Its remote
   ``index.json`` must equal the local one byte for byte (:func:`check_remote_index`, else an
   error naming both and the fix), and every tar read must match the index's sha256
-  (:func:`fetch`, :func:`open_verified`; :class:`ShardIntegrityError` otherwise).
+  (:func:`read_verified`, :func:`fetch`; :class:`ShardIntegrityError` otherwise).
 - I/O goes through WebDataset's ``webdataset.gopen`` (file://, http(s):// through curl,
   gs:// through gsutil); :func:`open_url` adds an ``s3`` handler that opens through
   fsspec/s3fs (webdataset 1.0.2 has none). Publishing uses fsspec (s3fs for s3://, gcsfs
@@ -32,12 +32,14 @@ Public API::
 
     remote_location(local_set_dir, data_root, shard_url) -> str
     publish_set(local_set_dir, url, progress=True) -> bool
+    publish_stage_sets(shard_url, data_root, set_dirs, progress=True) -> None
     activate(shard_url, data_root) -> None
     source_of(set_dir) -> str | Path
     env_vars() -> dict[str, str]
     check_remote_index(set_dir, url, local_bytes) -> None
+    register_gopen() -> None
     open_url(url, mode="rb") -> binary file object
-    open_verified(url, sha256) -> context manager of a reading stream
+    read_verified(url, sha256) -> bytes
     fetch(url, sha256, verify_cached=True) -> Path
     cache_dir() -> Path
 
@@ -53,7 +55,6 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -71,8 +72,10 @@ __all__ = [
     "env_vars",
     "fetch",
     "open_url",
-    "open_verified",
+    "read_verified",
     "publish_set",
+    "publish_stage_sets",
+    "register_gopen",
     "remote_location",
     "source_of",
 ]
@@ -177,41 +180,25 @@ def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) ->
     return fs.open(path, mode)
 
 
-def open_url(url: str, mode: str = "rb") -> BinaryIO:
-    """Open ``url`` (or a local path) with ``webdataset.gopen``, registering an ``s3`` handler
-    (fsspec/s3fs) in ``webdataset.gopen.gopen_schemes`` on first use unless one is there."""
-    from webdataset.gopen import gopen, gopen_schemes
+def register_gopen() -> None:
+    """Give ``webdataset.gopen`` (and so ``webdataset.WebDataset``) an ``s3`` handler that opens
+    through fsspec/s3fs, unless one is registered already. Idempotent; :func:`open_url` calls it."""
+    from webdataset.gopen import gopen_schemes
 
     gopen_schemes.setdefault("s3", _gopen_fsspec)
+
+
+def open_url(url: str, mode: str = "rb") -> BinaryIO:
+    """Open ``url`` (or a local path) with ``webdataset.gopen`` (s3:// through :func:`register_gopen`)."""
+    from webdataset.gopen import gopen
+
+    register_gopen()
     return gopen(url, mode)
 
 
 def _read_url(url: str) -> bytes:
     with open_url(url) as stream:
         return stream.read()
-
-
-class _HashingReader:
-    """A read-only stream that hashes what passes through it (sha256)."""
-
-    def __init__(self, raw: BinaryIO):
-        self._raw = raw
-        self._sha = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        self._sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read (and hash) the rest of the stream."""
-        for _ in iter(lambda: self.read(_BLOCK), b""):
-            pass
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
 
 
 def _mismatch(url: str, expected: str, got: str) -> ShardIntegrityError:
@@ -230,31 +217,22 @@ def _unreadable(url: str, err: BaseException) -> ShardError:
     )
 
 
-@contextlib.contextmanager
-def open_verified(url: str, sha256: str) -> Iterator[_HashingReader]:
-    """Stream ``url``; on leaving the block the rest is read and the whole must hash to
-    ``sha256``. A mismatch raises :class:`ShardIntegrityError` -- also in place of an error
-    raised inside the block (a damaged tar fails its parse first), which is kept as its cause.
-    Do not use what was read before the block ends without error."""
+def read_verified(url: str, sha256: str) -> bytes:
+    """The bytes at ``url`` (through :func:`open_url`), which must hash to ``sha256``.
+
+    Raises:
+        ShardIntegrityError: they do not.
+        ShardError: ``url`` is missing or unreadable.
+    """
     try:
-        raw = open_url(url)
+        with open_url(url) as stream:
+            data = stream.read()
     except Exception as err:
         raise _unreadable(url, err) from None
-    with raw:
-        tap = _HashingReader(raw)
-        try:
-            yield tap
-        except Exception as err:
-            try:
-                tap.drain()
-            except Exception:
-                raise err from None
-            if tap.hexdigest() != sha256:
-                raise _mismatch(url, sha256, tap.hexdigest()) from err
-            raise
-        tap.drain()
-    if tap.hexdigest() != sha256:
-        raise _mismatch(url, sha256, tap.hexdigest())
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise _mismatch(url, sha256, digest)
+    return data
 
 
 def fetch(url: str, sha256: str, verify_cached: bool = True) -> Path:
@@ -277,18 +255,18 @@ def fetch(url: str, sha256: str, verify_cached: bool = True) -> Path:
         target.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{sha256[:16]}-", suffix=".part")
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                source = open_url(url)
+                with open_url(url) as source:
+                    for block in iter(lambda: source.read(_BLOCK), b""):
+                        digest.update(block)
+                        out.write(block)
             except Exception as err:
                 raise _unreadable(url, err) from None
-            with source:
-                tap = _HashingReader(source)
-                for block in iter(lambda: tap.read(_BLOCK), b""):
-                    out.write(block)
-        if tap.hexdigest() != sha256:
-            raise _mismatch(url, sha256, tap.hexdigest())
+        if digest.hexdigest() != sha256:
+            raise _mismatch(url, sha256, digest.hexdigest())
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     finally:
