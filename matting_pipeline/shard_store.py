@@ -85,7 +85,7 @@ URL_ENV = "MATTING_SHARD_URL"
 DATA_ROOT_ENV = "MATTING_SHARD_DATA_ROOT"
 CACHE_ENV = "MATTING_SHARD_CACHE"
 _BLOCK = 1 << 20  # copy and hash in 1 MiB blocks
-_READ_AHEAD = 16 << 20  # s3fs/gcsfs fetch 16 MiB per request when streaming a tar
+_READ_AHEAD = 16 << 20  # s3fs fetches 16 MiB per request when a tar is read block by block
 _PUBLISH_HINT = "python -m matting_pipeline.shard_store publish {set_dir}"
 _verified: set[tuple[str, str]] = set()  # (url, sha256 of the local index) checked by this process
 
@@ -166,10 +166,17 @@ def _storage_options(url: str) -> dict[str, Any]:
 
 
 def _filesystem(url: str):
-    """``(fsspec filesystem, path)`` of ``url``."""
+    """``(fsspec filesystem, path)`` of ``url``.
+
+    Raises:
+        ShardError: no fsspec implementation of the scheme is installed (e.g. gcsfs for gs://).
+    """
     import fsspec.core
 
-    return fsspec.core.url_to_fs(url, **_storage_options(url))
+    try:
+        return fsspec.core.url_to_fs(url, **_storage_options(url))
+    except ImportError as err:
+        raise ShardError(f"{url}: {err}") from None
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> BinaryIO:
@@ -357,7 +364,8 @@ def publish_set(local_set_dir: str | Path, url: str, progress: bool = True) -> b
     fs, root = _filesystem(url)
     is_local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
     if is_local:
-        fs.makedirs(root, exist_ok=True)
+        with _writing(url):
+            fs.makedirs(root, exist_ok=True)
     bar = tqdm(listed, desc=f"publish {local.name}", unit="shard", leave=False, file=sys.stderr,
                disable=not progress or len(listed) < 4)
     for name, sha256 in bar:
@@ -371,14 +379,28 @@ def publish_set(local_set_dir: str | Path, url: str, progress: bool = True) -> b
                 f"{path}: sha256 mismatch (index {sha256[:12]}..., file {digest[:12]}...); not published "
                 f"(the remote index is left as it was) -- rebuild the set"
             )
-        fs.put_file(str(path), f"{root}/{name}")
-    if is_local:  # an object store's PUT is atomic; a file is not, so write a sibling and rename
-        tmp = f"{root}/.{INDEX_NAME}.{os.getpid()}.part"
-        fs.pipe_file(tmp, raw)
-        fs.mv(tmp, f"{root}/{INDEX_NAME}")
-    else:
-        fs.pipe_file(f"{root}/{INDEX_NAME}", raw)
+        with _writing(f"{url}/{name}"):
+            fs.put_file(str(path), f"{root}/{name}")
+    with _writing(f"{url}/{INDEX_NAME}"):
+        if is_local:  # an object store's PUT is atomic; a file is not, so write a sibling and rename
+            tmp = f"{root}/.{INDEX_NAME}.{os.getpid()}.part"
+            fs.pipe_file(tmp, raw)
+            fs.mv(tmp, f"{root}/{INDEX_NAME}")
+        else:
+            fs.pipe_file(f"{root}/{INDEX_NAME}", raw)
     return True
+
+
+@contextlib.contextmanager
+def _writing(url: str):
+    """Turn a failed upload (no such bucket, no permission, no endpoint) into one ShardError line."""
+    try:
+        yield
+    except Exception as err:
+        raise ShardError(
+            f"{url}: cannot write ({type(err).__name__}: {err}); check the bucket, the endpoint and the "
+            "credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)"
+        ) from err
 
 
 def publish_stage_sets(shard_url: str | None, data_root: str | Path, set_dirs, progress: bool = True) -> None:

@@ -418,3 +418,10 @@ def test_stages_publish_their_sets_and_read_them_from_the_url(store, tmp_path, m
     assert all(Path(p).is_relative_to(root) for p in local_plan.shard_paths)
     local_labels = pseudolabel.label_in_process(local_plan, out_dir=tmp_path / "local-labels")
     assert remote_labels["shards"] == local_labels["shards"]  # the same bytes, shard for shard
+
+
+def test_publishing_to_a_missing_bucket_is_one_clear_error(store):
+    with pytest.raises(ShardError, match=r"s3://no-such-bucket-here/shards/seg/seg-000000\.tar: cannot write .*bucket"):
+        shard_store.publish_set(store.set_dir, "s3://no-such-bucket-here/shards/seg", progress=False)
+    with pytest.raises(ShardError, match="read-only"):
+        shard_store.publish_set(store.set_dir, "https://example.invalid/shards/seg", progress=False)
