@@ -12,9 +12,20 @@ records it in ``dvc.lock``, so the lock stays true: after a flow, ``dvc repro`` 
 nothing to do.
 
 Scheduling (:func:`run_stages`): a stage instance is submitted once all its DVC parents
-are finished, at most ``max_concurrency`` at a time, on a
-``ThreadPoolTaskRunner(max_workers=max_concurrency)``; no worker thread ever waits on an
-upstream task. A failed instance is retried with exponential back-off (Prefect
+are finished, at most ``max_concurrency`` at a time; no worker ever waits on an upstream
+task. Two task runners (``runner``):
+
+- ``local`` (default): ``ThreadPoolTaskRunner(max_workers=max_concurrency)``, each task a
+  thread that runs ``dvc repro`` on this machine (``cuda_devices`` spreads them over its GPUs);
+- ``ray``: prefect-ray's ``RayTaskRunner`` on a Ray cluster (``ray_address``, else
+  ``RAY_ADDRESS``, else a local Ray). Each task reserves its stage's
+  ``orchestration.resources`` (``num_cpus``; ``num_gpus`` only when the cluster has GPUs,
+  and Ray then sets ``CUDA_VISIBLE_DEVICES``) and runs ``dvc repro`` on the node Ray picks,
+  in the same repository path: the project must be on storage every node mounts at that
+  path (README "Running on a cluster"). A node lost mid-task is a system failure Ray
+  retries on another node (Ray's ``max_retries``); the stage, killed with its Ray worker
+  (:mod:`matting_pipeline.lifecycle` watches the worker), resumes from its last saved
+  training state. The task result and log name the node each instance ran on. A failed instance is retried with exponential back-off (Prefect
 ``retries``); the instances downstream of it end ``NotReady`` (Prefect's "upstream did not
 complete") without running, and every other branch of the grid runs to the end.
 
@@ -33,11 +44,13 @@ matching its ``--mat 0``); other stages (ingest, report) belong to no cell.
 
 from __future__ import annotations
 
+import os
+import queue
+import socket
 import subprocess
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED
-from concurrent.futures import wait as wait_futures
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +82,10 @@ from matting_pipeline.layout import cell_name
 
 
 _TAIL_LINES = 15
+RUNNERS = ("local", "ray")
+# What the ray runner passes from the flow's environment to each task (task parameters are
+# stored by Prefect: nothing secret goes here; credentials come from each node's environment).
+FORWARDED_TO_NODES = ("MLFLOW_TRACKING_URI",)
 
 
 class StageFailed(RuntimeError):
@@ -127,6 +144,22 @@ def record_cell_run(cell: dict[str, Any], env: dict[str, str]) -> str:
     return run_id
 
 
+def where_running() -> dict[str, str]:
+    """Where this task runs: the host, and the Ray node id when it runs in a Ray worker."""
+    where = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            if context.worker.mode == ray.WORKER_MODE:
+                where["node"] = context.get_node_id()
+                where["node_ip"] = ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001  (where a task runs is information, never a failure)
+        pass
+    return where
+
+
 @task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False)
 def run_stage(
     stage: str,
@@ -148,7 +181,11 @@ def run_stage(
     full_env = stage_env(root_path, env)
     started = time.monotonic()
     attempt = task_run_info.run_count
-    result: dict[str, Any] = {"stage": stage, "attempt": attempt}
+    where = where_running()
+    result: dict[str, Any] = {"stage": stage, "attempt": attempt, **where}
+    if "node" in where:
+        logger.info("running on Ray node %s (%s, host %s, worker pid %s)",
+                    where["node"], where["node_ip"], where["host"], where["pid"])
     if cell is not None:
         try:
             result["mlflow_run_id"] = record_cell_run(cell, full_env)
@@ -190,10 +227,51 @@ class StageReport:
     detail: str  # outcome, or why it failed / did not run
     task_run_id: str | None = None
     mlflow_run_id: str | None = None
+    node: str | None = None  # Ray node id (ray runner) or host name it completed on
 
     @property
     def ok(self) -> bool:
         return self.state == "Completed"
+
+
+def _stage_resources(resources: dict[str, Any] | None, group: str, gpus: bool) -> dict[str, float]:
+    """Ray ``remote_options`` of a stage: its entry in ``resources`` (else ``default``);
+    ``num_gpus`` only on a cluster with GPUs (a CPU cluster could never place it)."""
+    table = resources or {}
+    entry = table.get(group) or table.get("default") or {"num_cpus": 1, "num_gpus": 0}
+    entry = entry if isinstance(entry, dict) else entry.model_dump()
+    options = {"num_cpus": float(entry.get("num_cpus", 1))}
+    if gpus and float(entry.get("num_gpus", 0)) > 0:
+        options["num_gpus"] = float(entry["num_gpus"])
+    return options
+
+
+@contextmanager
+def task_runner(kind: str, max_concurrency: int, ray_address: str | None = None):
+    """The entered task runner of ``kind`` and whether its cluster has GPUs (``ray`` only).
+
+    ``ray``: ``ray_address``, else ``RAY_ADDRESS``, else a local Ray started for the flow
+    (and stopped after it).
+    """
+    if kind not in RUNNERS:
+        raise ValueError(f"unknown task runner {kind!r}; choose one of {', '.join(RUNNERS)}")
+    if kind == "local":
+        with ThreadPoolTaskRunner(max_workers=max_concurrency) as runner:
+            yield runner, False
+        return
+    from prefect_ray import RayTaskRunner
+    import ray
+
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    # Workers log to the Prefect API; their stdout would only repeat it on the driver.
+    with RayTaskRunner(address=address, init_kwargs={"log_to_driver": False}) as runner:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        get_run_logger().info(
+            "Ray cluster %s: %d node(s), resources %s",
+            address or "(local, started for this flow)", len(nodes),
+            {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+        )
+        yield runner, ray.cluster_resources().get("GPU", 0) > 0
 
 
 def run_stages(
@@ -206,15 +284,23 @@ def run_stages(
     retry_delay_seconds: float,
     cuda_devices: list[str] | None = None,
     cell_tracking: dict[str, Any] | None = None,
+    runner: str = "local",
+    ray_address: str | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> list[StageReport]:
     """Run ``selected`` stage instances (topologically ordered) inside the current flow.
 
     A DVC parent that is not selected counts as satisfied (DVC itself decides, when the
     child runs, whether its deps are there). ``cell_tracking`` (experiment, network,
-    ui_url) turns on the MLflow parent-run link for instances of a grid cell.
+    ui_url) turns on the MLflow parent-run link for instances of a grid cell. ``runner``:
+    ``local`` or ``ray`` (module doc); ``resources``: ``{stage group or "default":
+    {num_cpus, num_gpus}}`` reserved per task on Ray; ``cuda_devices`` is for ``local``
+    only (Ray hands out GPUs itself).
     """
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown task runner {runner!r}; choose one of {', '.join(RUNNERS)}")
     root = str(Path(root).resolve())
     chosen = set(selected)
     stage_task = run_stage.with_options(
@@ -227,8 +313,9 @@ def run_stages(
     running: dict[str, Any] = {}
     slots: dict[str, int] = {}
     waiting = list(selected)
+    done_names: queue.Queue[str] = queue.Queue()  # filled by the futures' done callbacks
 
-    def submit(name: str, runner: ThreadPoolTaskRunner, env: dict[str, str] | None, blocked: bool) -> Any:
+    def submit(name: str, task_runner_: Any, env: dict[str, str] | None, blocked: bool, options=None) -> Any:
         node = nodes[name]
         upstream = [futures[p] for p in node.parents if p in chosen]
         cell = None
@@ -238,13 +325,20 @@ def run_stages(
         parameters = {"stage": name, "root": root, "cell": cell, "env": env}
         named = stage_task.with_options(task_run_name=node.label, tags=tags)
         if blocked:  # Prefect checks wait_for after naming the run: "<label>" ends NotReady
-            return runner.submit(named, parameters={**parameters, "upstream": None}, wait_for=upstream)
+            return task_runner_.submit(named, parameters={**parameters, "upstream": None}, wait_for=upstream)
         # Parents are all completed: their results as a parameter draw the edges in the UI.
-        return runner.submit(named, parameters={**parameters, "upstream": upstream})
+        # On Ray the task gets the results as plain values and the edges from wait_for.
+        if runner == "ray":
+            results = [f.result(raise_on_failure=False) for f in upstream]
+            with _ray_options(options or {}):
+                return task_runner_.submit(named, parameters={**parameters, "upstream": results}, wait_for=upstream)
+        return task_runner_.submit(named, parameters={**parameters, "upstream": upstream})
 
     # Stages below a failed one go through their own runner: Prefect marks them NotReady at
     # once (they never run), and they never take a slot of the stages that really run.
-    with ThreadPoolTaskRunner(max_workers=max_concurrency) as runner, ThreadPoolTaskRunner(max_workers=4) as marker:
+    with ExitStack() as stack:
+        main, gpus = stack.enter_context(task_runner(runner, max_concurrency, ray_address))
+        marker = stack.enter_context(ThreadPoolTaskRunner(max_workers=4))
         while waiting or running:
             for name in list(waiting):
                 parents = [p for p in nodes[name].parents if p in chosen]
@@ -261,37 +355,51 @@ def run_stages(
                 if len(running) >= max_concurrency:
                     continue
                 slot = min(set(range(max_concurrency)) - set(slots.values()))
-                env = {"CUDA_VISIBLE_DEVICES": cuda_devices[slot % len(cuda_devices)]} if cuda_devices else None
-                futures[name] = running[name] = submit(name, runner, env, blocked=False)
+                env = None
+                if cuda_devices and runner == "local":
+                    env = {"CUDA_VISIBLE_DEVICES": cuda_devices[slot % len(cuda_devices)]}
+                if runner == "ray":  # the nodes log where this flow logs (a Ray worker has the node's env)
+                    env = {k: os.environ[k] for k in FORWARDED_TO_NODES if os.environ.get(k)} or None
+                options = _stage_resources(resources, nodes[name].group, gpus) if runner == "ray" else None
+                future = submit(name, main, env, blocked=False, options=options)
+                futures[name] = running[name] = future
+                future.add_done_callback(lambda _f, n=name: done_names.put(n))
                 slots[name] = slot
                 waiting.remove(name)
             if not running:
                 if waiting:  # cannot happen for a DAG; never spin
                     raise RuntimeError("stages left with unfinished parents: " + ", ".join(waiting))
                 break
-            done, _ = wait_futures([f.wrapped_future for f in running.values()], return_when=FIRST_COMPLETED)
-            for name in [n for n, f in running.items() if f.wrapped_future in done]:
-                future = running.pop(name)
-                future.wait()  # sets the final state locally (the API may lag behind)
-                finished[name] = future.state.is_completed()
-                slots.pop(name)
+            name = done_names.get()
+            future = running.pop(name)
+            future.wait()  # sets the final state locally (the API may lag behind)
+            finished[name] = future.state.is_completed()
+            slots.pop(name)
         for future in futures.values():
             future.wait()
+        return [_report(name, nodes[name], futures[name], blocked_by.get(name)) for name in selected]
 
-    return [_report(name, nodes[name], futures[name], blocked_by.get(name)) for name in selected]
+
+@contextmanager
+def _ray_options(options: dict[str, float]):
+    from prefect_ray.context import remote_options
+
+    with remote_options(**options):
+        yield
 
 
 def _report(name: str, node: StageNode, future: Any, blocked_by: list[str] | None) -> StageReport:
     future.wait()
     state = future.state
     result = state.result(raise_on_failure=False) if state.is_final() else None
-    attempts, mlflow_run_id = 0, None
+    attempts, mlflow_run_id, where = 0, None, None
     if blocked_by:
         detail = "not run: upstream " + ", ".join(blocked_by) + " did not complete"
     elif state.is_completed() and isinstance(result, dict):
         detail = f"{result.get('outcome')} ({result.get('seconds')} s)"
         attempts = result.get("attempt", 1)
         mlflow_run_id = result.get("mlflow_run_id")
+        where = result.get("node") or result.get("host")
     elif isinstance(result, StageFailed):
         detail = f"exit {result.code}: {result.reason}"
         attempts = result.attempt
@@ -308,6 +416,7 @@ def _report(name: str, node: StageNode, future: Any, blocked_by: list[str] | Non
         detail=detail,
         task_run_id=str(future.task_run_id),
         mlflow_run_id=mlflow_run_id,
+        node=where,
     )
 
 
@@ -335,9 +444,10 @@ def summary_markdown(title: str, reports: list[StageReport]) -> str:
         )
     else:
         head.append(f"All {len(reports)} stage instances completed.")
-    rows = ["", "| stage | cell | state | attempts | result |", "|---|---|---|---|---|"]
+    rows = ["", "| stage | cell | state | attempts | node | result |", "|---|---|---|---|---|---|"]
     for r in sorted(reports, key=lambda r: r.ok):  # stable: failures first, DAG order within
-        rows.append(f"| {r.stage} | {_cell_text(r.cell)} | {r.state} | {r.attempts} | {_md(r.detail)} |")
+        node = (r.node or "-")[:12]  # a Ray node id's first 12 hex digits tell the nodes apart
+        rows.append(f"| {r.stage} | {_cell_text(r.cell)} | {r.state} | {r.attempts} | {node} | {_md(r.detail)} |")
     return "\n".join(head + rows) + "\n"
 
 

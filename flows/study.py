@@ -8,6 +8,7 @@ neither has any stage logic. Run once from a shell::
     python -m flows.study --seg 60 --mat 8 --max-concurrency 1
     python -m flows.study --profile cpu                     # params-cpu.yaml: 3 seeds, intervals
     python -m flows.study --profile paper                   # params-paper.yaml
+    python -m flows.study --runner ray --ray-address auto   # each stage instance a Ray task
 
 against ``PREFECT_API_URL`` when it is set, else a temporary local Prefect server.
 ``python -m flows.serve`` serves both flows as deployments (see there).
@@ -37,6 +38,7 @@ from prefect.settings import temporary_settings
 from prefect.states import Completed, Failed
 
 from flows.dag import (
+    RUNNERS,
     Cell,
     failure_message,
     load_pipeline,
@@ -53,6 +55,7 @@ PROFILES = {"demo": "params.yaml", "cpu": "params-cpu.yaml", "gpu-check": "param
 ACTIVE_PARAMS = "params.yaml"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 Profile = Literal["demo", "cpu", "gpu-check", "paper"]
+Runner = Literal["local", "ray"]
 
 
 class StudySetupError(ValueError):
@@ -123,19 +126,26 @@ def resolve_grid(params: Params, seg: list[int] | None, mat: list[int] | None) -
 
 
 def run_cells(
-    root: Path, params: Params, cells: list[Cell], max_concurrency: int | None, title: str, key: str
+    root: Path, params: Params, cells: list[Cell], max_concurrency: int | None, title: str, key: str,
+    runner: str | None = None, ray_address: str | None = None,
 ):
-    """Run the stage instances of ``cells`` (and their DVC ancestors); the flow's final state."""
+    """Run the stage instances of ``cells`` (and their DVC ancestors); the flow's final state.
+
+    ``runner`` / ``ray_address``: default ``orchestration.runner`` / ``orchestration.ray_address``.
+    """
     logger = get_run_logger()
     orchestration = params.orchestration
+    runner = runner or orchestration.runner
+    if runner not in RUNNERS:
+        raise StudySetupError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
     concurrency = orchestration.max_concurrency if max_concurrency is None else max_concurrency
     if concurrency < 1:
         raise StudySetupError(f"max_concurrency must be at least 1, got {concurrency}")
     nodes = load_pipeline(root)
     selected = select_stages(nodes, cells)
     logger.info(
-        "%s: %d stage instances for %d cell(s), at most %d at once, %d retries",
-        title, len(selected), len(cells), concurrency, orchestration.retries,
+        "%s: %d stage instances for %d cell(s), at most %d at once, %d retries, %s runner",
+        title, len(selected), len(cells), concurrency, orchestration.retries, runner,
     )
     reports = run_stages(
         root,
@@ -150,11 +160,14 @@ def run_cells(
             "network": params.model.network,
             "ui_url": orchestration.mlflow_ui_url,
         },
+        runner=runner,
+        ray_address=ray_address or orchestration.ray_address,
+        resources=orchestration.resources,
     )
     publish_summary(key, title, reports)
     rows = [
         {"stage": r.stage, "state": r.state, "attempts": r.attempts, "detail": r.detail,
-         "mlflow_run_id": r.mlflow_run_id}
+         "mlflow_run_id": r.mlflow_run_id, "node": r.node}
         for r in reports
     ]
     message = failure_message(reports)
@@ -180,18 +193,23 @@ def study(
     profile: Profile = "demo",
     max_concurrency: int | None = None,
     root: str | None = None,
+    runner: Runner | None = None,
+    ray_address: str | None = None,
 ):
     """Run every cell of the grid (default: the profile's ``study.seg`` x ``study.mat``).
 
     seg, mat: non-zero budgets, a subset of the params file's; the 0 budget is added on
     each axis as in the study. max_concurrency: default ``orchestration.max_concurrency``.
-    root: the DVC project (default: this checkout).
+    root: the DVC project (default: this checkout). runner: local (threads here) or ray
+    (a task per stage instance on a Ray cluster); default ``orchestration.runner``.
+    ray_address: the cluster (default ``orchestration.ray_address``, else RAY_ADDRESS).
     """
     root_path = Path(root) if root else PROJECT_ROOT
     params = activate_profile(root_path, profile)
     grid = resolve_grid(params, seg, mat)
     title = f"study {profile}: seg {[0, *grid.seg]} x mat {[0, *grid.mat]}"
-    return run_cells(root_path, params, grid.cells(), max_concurrency, title, key="study-summary")
+    return run_cells(root_path, params, grid.cells(), max_concurrency, title, key="study-summary",
+                     runner=runner, ray_address=ray_address)
 
 
 @flow(name="cell", flow_run_name="cell seg{seg}-mat{mat}", description="One grid cell of the study, on demand")
@@ -201,8 +219,12 @@ def cell(
     profile: Profile = "demo",
     max_concurrency: int | None = None,
     root: str | None = None,
+    runner: Runner | None = None,
+    ray_address: str | None = None,
 ):
-    """Run one cell (seg, mat) and the DVC stages it needs; 0 is a valid budget on one axis."""
+    """Run one cell (seg, mat) and the DVC stages it needs; 0 is a valid budget on one axis.
+
+    runner, ray_address: as the study flow's."""
     root_path = Path(root) if root else PROJECT_ROOT
     params = activate_profile(root_path, profile)
     if (seg, mat) not in params.study.cells():
@@ -211,7 +233,8 @@ def cell(
             f" mat in {[0, *params.study.mat]}, not both 0"
         )
     title = f"cell {cell_name(seg, mat)} ({profile})"
-    return run_cells(root_path, params, [(seg, mat)], max_concurrency, title, key="cell-summary")
+    return run_cells(root_path, params, [(seg, mat)], max_concurrency, title, key="cell-summary",
+                     runner=runner, ray_address=ray_address)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,13 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="demo")
     parser.add_argument("--max-concurrency", type=int, help="default: orchestration.max_concurrency")
     parser.add_argument("--root", default=str(PROJECT_ROOT), help="the DVC project (default: this checkout)")
+    parser.add_argument(
+        "--runner", choices=RUNNERS,
+        help="local: stage instances as threads on this machine; ray: each a task on a Ray cluster, reserving"
+             " orchestration.resources (default: orchestration.runner)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="the Ray cluster for --runner ray, e.g. auto (this node's cluster), head:6379 or ray://head:10001"
+             " (default: orchestration.ray_address, else RAY_ADDRESS, else a local Ray for this run)",
+    )
     args = parser.parse_args(argv)
     # Without PREFECT_API_URL Prefect starts a temporary server; on a busy machine it needs
     # longer than the default 20 s to come up (a value the user set still wins).
     with temporary_settings(set_defaults={"server.ephemeral.startup_timeout_seconds": 120}):
         state = study(
             seg=args.seg, mat=args.mat, profile=args.profile, max_concurrency=args.max_concurrency,
-            root=args.root, return_state=True,
+            root=args.root, runner=args.runner, ray_address=args.ray_address, return_state=True,
         )
     print(f"study flow: {state.name}" + (f"\n{state.message}" if state.message else ""))
     return 0 if state.is_completed() else 1

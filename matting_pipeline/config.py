@@ -415,6 +415,23 @@ class MethodsConfig(_Section):
         return v
 
 
+class StageResources(_Section):
+    """What one stage instance reserves on a Ray cluster (``orchestration.resources``)."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved (train.threads math threads + data work)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved when the cluster has GPUs (ignored on a CPU cluster)")
+
+
+DVC_STAGES = ("ingest", "shard", "composite", "pretrain", "teacher_scratch", "teacher", "pseudolabel", "student",
+              "evaluate_seg_only", "evaluate_mat_only", "evaluate", "method", "evaluate_method", "report")
+GPU_STAGES = DVC_STAGES[3:-1]  # training, labelling and evaluation: one GPU each when the cluster has GPUs
+
+
+def _default_resources() -> dict[str, StageResources]:
+    gpu = StageResources(num_cpus=1, num_gpus=1)
+    return {"default": StageResources(), **{name: gpu for name in GPU_STAGES}}
+
+
 class OrchestrationConfig(_Section):
     """How the Prefect flows in ``flows/`` run the DVC stages (not read by any stage).
 
@@ -431,9 +448,29 @@ class OrchestrationConfig(_Section):
     cuda_devices: list[str] = Field(
         default_factory=list, description="GPU ids handed out to running stages; empty = leave CUDA_VISIBLE_DEVICES alone"
     )
+    runner: Literal["local", "ray"] = Field(
+        "local", description="local: threads on this machine; ray: tasks on a Ray cluster (prefect-ray)"
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster of the ray runner (e.g. ray://head:10001 or head:6379); null = RAY_ADDRESS, else a local Ray"
+    )
+    resources: dict[str, StageResources] = Field(
+        default_factory=_default_resources,
+        description="{dvc.yaml stage name or 'default': {num_cpus, num_gpus}} reserved per task by the ray runner",
+    )
     schedule_cron: str = Field("0 2 * * *", description="cron of the served nightly study deployment")
     timezone: str = Field("UTC", description="IANA time zone of schedule_cron")
     mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="base URL of the MLflow UI, for run links")
+
+    @field_validator("resources")
+    @classmethod
+    def _with_default(cls, v: dict[str, StageResources]) -> dict[str, StageResources]:
+        unknown = sorted(set(v) - set(DVC_STAGES) - {"default"})
+        if unknown:
+            raise ValueError(
+                f"unknown stage name(s) {unknown}: keys are dvc.yaml stage names ({', '.join(DVC_STAGES)}) or 'default'"
+            )
+        return {"default": StageResources(), **v}
 
     @field_validator("schedule_cron")
     @classmethod

@@ -283,7 +283,7 @@ def connect_ray(cfg, quiet: bool = True) -> bool:
       ``py_modules`` (the nodes need the dependencies, not the project), and the shard-store
       variables (``data.shard_url``) as ``env_vars``. ``ray://`` client
       addresses are refused: the driver must run on a cluster node, where it reads the shards.
-    - Otherwise: a local Ray with ``cfg.num_cpus`` CPUs (all when None), no dashboard,
+    - Otherwise: a new local Ray with ``cfg.num_cpus`` CPUs (all when None), no dashboard,
       ``RAY_AUTH_MODE=disabled`` and usage stats off (unless the environment says otherwise).
     """
     import ray
@@ -313,7 +313,9 @@ def connect_ray(cfg, quiet: bool = True) -> bool:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count() or 1, include_dashboard=False, **kwargs)
+        # address="local": a new Ray of its own even inside a Ray task of the flows' ray runner
+        # (a plain ray.init() there joins the surrounding cluster and refuses num_cpus).
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count() or 1, include_dashboard=False, **kwargs)
     return True
 
 

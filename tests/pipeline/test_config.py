@@ -115,3 +115,18 @@ def test_study_seeds_and_the_loss_knobs_are_validated():
 def test_profiles_parse_and_have_several_seeds(name, seeds):
     params = load_params(REPO / name)
     assert params.study.seeds == seeds and 0 not in params.study.seg
+
+
+def test_orchestration_runner_and_resources():
+    params = parse_params({"orchestration": {"runner": "ray", "resources": {"teacher": {"num_cpus": 2, "num_gpus": 1}}}})
+    orch = params.orchestration
+    assert orch.runner == "ray" and orch.ray_address is None
+    # a table of one's own keeps 'default' for every stage it does not name
+    assert orch.resources["teacher"].num_gpus == 1 and orch.resources["default"].num_cpus == 1
+    assert parse_params({}).orchestration.resources["student"].num_gpus == 1  # training takes a GPU where there is one
+    with pytest.raises(ConfigError, match="teachr"):
+        parse_params({"orchestration": {"resources": {"teachr": {"num_cpus": 1}}}})
+    with pytest.raises(ConfigError, match="runner"):
+        parse_params({"orchestration": {"runner": "slurm"}})
+    with pytest.raises(ConfigError, match="num_cpus"):
+        parse_params({"orchestration": {"resources": {"default": {"num_cpus": 0}}}})
