@@ -6,52 +6,27 @@ Model Registry."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from matting_core.checkpoint import model_identity
+from tests.services import mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``make mlflow-server`` on a free port, home in a temp dir; stopped at the end."""
-    home = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["make", "-s", "-o", "install", "mlflow-server", f"MLFLOW_PORT={port}", f"MLFLOW_HOME={home}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"make mlflow-server exited {proc.returncode}: {proc.stdout.read().decode()[-2000:]}")
-            time.sleep(0.5)
-    else:
-        pytest.fail("the MLflow server did not answer /health in 120 s")
-    yield {"uri": uri, "home": home}
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    try:
+        with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as running:
+            yield running
+    except RuntimeError as err:  # did not start: say why
+        pytest.fail(str(err))
 
 
 def test_a_stage_logs_to_the_team_server_and_registers_there(server, tmp_path):
