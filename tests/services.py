@@ -65,10 +65,10 @@ def s3_server(bucket: str | None = None):
     is created when given."""
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
     env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
     try:
         _wait_http(endpoint, None, "moto server", timeout=30)

@@ -171,3 +171,22 @@ def test_a_per_seed_stage_instance_is_labelled_with_its_seed():
     node = StageNode("teacher@2-3-1", "teacher", (2, 3), ("pretrain@2-1",), seed=1)
     assert node.label == "teacher seg2-mat3 seed1"
     assert StageNode("teacher@2-3", "teacher", (2, 3), ()).label == "teacher seg2-mat3"
+
+
+def test_ray_resources_per_stage_and_gpus_only_on_a_gpu_cluster():
+    from flows.dag import _stage_resources
+    from matting_pipeline.config import parse_params
+
+    table = parse_params({"orchestration": {"resources": {"default": {"num_cpus": 0.5},
+                                                          "teacher": {"num_cpus": 2, "num_gpus": 1}}}}).orchestration.resources
+    assert _stage_resources(table, "teacher", gpus=True) == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert _stage_resources(table, "teacher", gpus=False) == {"num_cpus": 2.0}  # a CPU cluster could never place it
+    assert _stage_resources(table, "report", gpus=True) == {"num_cpus": 0.5}  # not named: the default
+    assert _stage_resources(None, "ingest", gpus=True) == {"num_cpus": 1.0}
+
+
+def test_an_unknown_runner_is_refused_before_anything_runs(tmp_path):
+    from flows.study import main
+
+    with pytest.raises(SystemExit):
+        main(["--runner", "slurm", "--root", str(tmp_path)])

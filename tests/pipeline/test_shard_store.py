@@ -24,6 +24,7 @@ from matting_pipeline.atomic import file_sha256
 from matting_pipeline.shards import ShardError, ShardIntegrityError, UnsafeMemberError
 
 from tests.images import disc_mask, rgb
+from tests.services import s3_server as s3_service
 
 REPO = Path(__file__).resolve().parents[2]
 H, W = 12, 16
@@ -54,18 +55,13 @@ class _Requests(logging.Handler):
 @pytest.fixture(scope="module")
 def s3_server():
     """A moto S3 server on a free loopback port; yields its endpoint URL and request log."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
     requests = _Requests()
     logger = logging.getLogger("werkzeug")
     logger.addHandler(requests)
     logger.setLevel(logging.INFO)
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}", requests
+    with s3_service() as server:
+        yield server["endpoint"], requests
     logger.removeHandler(requests)
-    server.stop()
 
 
 @pytest.fixture
