@@ -132,14 +132,15 @@ def test_invalid_profile_file_names_the_key(toy):
 
 def test_summary_lists_failures_first():
     reports = [
-        StageReport("ingest", "ingest", None, "Completed", 1, "ran (1.0 s)"),
+        StageReport("ingest", "ingest", None, "Completed", 1, "ran (1.0 s)", node="0123456789abcdef0123"),
         StageReport("teacher@2-4", "teacher seg2-mat4", (2, 4), "Failed", 3, "exit 255: toy | failure"),
         StageReport("report", "report", None, "NotReady", 0, "not run: upstream teacher@2-4 did not complete"),
     ]
     markdown = summary_markdown("study demo", reports)
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert table[1] == "| teacher@2-4 | seg2-mat4 | Failed | 3 | exit 255: toy \\| failure |"
-    assert table[2].startswith("| report | - | NotReady | 0 |")
+    assert table[1] == "| teacher@2-4 | seg2-mat4 | Failed | 3 | - | exit 255: toy \\| failure |"
+    assert table[2].startswith("| report | - | NotReady | 0 | - |")
+    assert table[3] == "| ingest | - | Completed | 1 | 0123456789ab | ran (1.0 s) |"  # where it ran
     assert "**1 failed, 1 not run** of 3 stage instances; cells affected: seg2-mat4" in markdown
     message = failure_message(reports)
     assert message.splitlines() == [

@@ -7,7 +7,10 @@ moto S3 server on loopback holding the shard sets (``data.shard_url``) and a DVC
    both nodes (the node id is in each task's result and log), MLflow on the server holds one
    parent run per cell, training and evaluation read their shards from S3, ``dvc push`` to
    the S3 remote works and ``dvc status`` is clean.
-2. Node loss: the pretrain output is removed and the seg-only cell runs again with the
+2. Retries and parallel cells: the toy study (flows/toy.py) on the same cluster, one
+   stage failing once (Prefect retries it), one always (only its cell fails), two instances
+   at once on the two nodes.
+3. Node loss: the pretrain output is removed and the seg-only cell runs again with the
    head's CPU held, so pretrain must go to the second node; that node is killed once the
    stage has saved a resumable state. Ray retries the task on the head, the stage resumes
    from its state, its weights equal the uninterrupted run's (its loss history on the
@@ -32,6 +35,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.study import cell, study
+from flows.toy import make_toy_project, max_overlap, read_timeline
 from matting_core.checkpoint import model_identity
 from matting_pipeline.layout import RUN_NAME, Layout
 from matting_pipeline.trainer import FINISHED_NAME
@@ -154,6 +158,25 @@ def test_dvc_remote_on_s3_and_dvc_status_clean(world, study_run):
     assert remote.returncode == 0 and "in sync" in remote.stdout, remote.stdout + remote.stderr
     local = _dvc(root, "status")
     assert local.returncode == 0 and "up to date" in local.stdout, local.stdout
+
+
+def test_failed_tasks_are_retried_and_independent_cells_run_side_by_side(world):
+    """The toy study (flows/toy.py) on the same cluster: a stage failing once is retried by
+    Prefect, one failing always fails its cell only, two instances run at once on two nodes."""
+    root = make_toy_project(
+        world["base"] / "toy", sleep=1.0, fail_once=("teacher@1-3",), fail_always=("teacher@2-4",),
+        orchestration={"runner": "ray", "ray_address": world["cluster"].address, "max_concurrency": 2,
+                       "retries": 2, "retry_delay_seconds": 0.5},
+    )
+    state = study(root=str(root), return_state=True)
+    assert state.is_failed()
+    rows = {r["stage"]: r for r in state.result(raise_on_failure=False)}
+    assert (rows["teacher@1-3"]["state"], rows["teacher@1-3"]["attempts"]) == ("Completed", 2)
+    assert (rows["teacher@2-4"]["state"], rows["teacher@2-4"]["attempts"]) == ("Failed", 3)
+    assert rows["report"]["state"] == "NotReady"
+    assert sum(r["state"] == "Completed" for r in rows.values()) == 8
+    assert {r["node"] for r in rows.values() if r["node"]} == {world["head"].node_id, world["second"].node_id}
+    assert max_overlap(read_timeline(root)) == 2
 
 
 def _stage_on(raylet_pid: int, module: str):
