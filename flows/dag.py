@@ -246,6 +246,30 @@ def _stage_resources(resources: dict[str, Any] | None, group: str, gpus: bool) -
     return options
 
 
+class RayUnreachable(RuntimeError):
+    """The Ray address given to the ray runner does not answer."""
+
+
+def probe_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the fix, when ``address`` (``host:port`` of a head's GCS or
+    ``ray://host:port``) does not accept a TCP connection: ``ray.init`` would retry for
+    minutes. ``None`` / ``auto`` / ``local`` are left to Ray."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnreachable(f"Ray address {address!r} is not host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise RayUnreachable(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one with"
+            " `ray start --head --port=6379` (README 'Running on a cluster') or fix --ray-address /"
+            " orchestration.ray_address / RAY_ADDRESS"
+        ) from None
+
+
 @contextmanager
 def task_runner(kind: str, max_concurrency: int, ray_address: str | None = None):
     """The entered task runner of ``kind`` and whether its cluster has GPUs (``ray`` only).
@@ -263,6 +287,7 @@ def task_runner(kind: str, max_concurrency: int, ray_address: str | None = None)
     import ray
 
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    probe_ray_address(address)
     # Workers log to the Prefect API; their stdout would only repeat it on the driver.
     with RayTaskRunner(address=address, init_kwargs={"log_to_driver": False}) as runner:
         nodes = [n for n in ray.nodes() if n.get("Alive")]

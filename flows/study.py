@@ -138,6 +138,9 @@ def run_cells(
     runner = runner or orchestration.runner
     if runner not in RUNNERS:
         raise StudySetupError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
+    if runner == "ray" and orchestration.cuda_devices:
+        logger.warning("orchestration.cuda_devices %s is for the local runner: on Ray each task gets the GPUs"
+                       " orchestration.resources reserves for it", orchestration.cuda_devices)
     concurrency = orchestration.max_concurrency if max_concurrency is None else max_concurrency
     if concurrency < 1:
         raise StudySetupError(f"max_concurrency must be at least 1, got {concurrency}")

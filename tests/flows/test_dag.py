@@ -191,3 +191,28 @@ def test_an_unknown_runner_is_refused_before_anything_runs(tmp_path):
 
     with pytest.raises(SystemExit):
         main(["--runner", "slurm", "--root", str(tmp_path)])
+
+
+def test_an_unreachable_ray_address_fails_in_seconds_naming_the_fix():
+    import socket
+    import time
+
+    from flows.dag import RayUnreachable, probe_ray_address
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(RayUnreachable, match=r"ray start --head"):
+        probe_ray_address(f"127.0.0.1:{port}")
+    with pytest.raises(RayUnreachable, match="ray start --head"):
+        probe_ray_address(f"ray://127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
+    with pytest.raises(RayUnreachable, match="host:port"):
+        probe_ray_address("head-node")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        probe_ray_address(f"127.0.0.1:{listening.getsockname()[1]}")  # answers: fine
+    probe_ray_address(None)
+    probe_ray_address("auto")
