@@ -343,7 +343,8 @@ def publish_set(local_set_dir: str | Path, url: str, progress: bool = True) -> b
     list are left in place (harmless: readers only open what the index names).
 
     Raises:
-        ShardError: no local index, or ``url`` cannot be written (http(s):// is read-only).
+        ShardError: no local index, or ``url`` cannot be written (http(s):// is read-only:
+        it only passes when it already serves this version).
         ShardIntegrityError: a local tar is missing or does not match the index.
     """
     from tqdm import tqdm
@@ -356,11 +357,12 @@ def publish_set(local_set_dir: str | Path, url: str, progress: bool = True) -> b
         raise ShardError(f"{index_path}: cannot read the set's index ({err.strerror or err}); build the set first") from None
     listed = _index_shards(raw, index_path)
     url = url.rstrip("/")
-    if url.startswith(("http://", "https://")):
-        raise ShardError(f"{url}: http(s) URLs are read-only; publish to the bucket behind it (s3://, gs://)")
     with contextlib.suppress(Exception):
         if _read_url(f"{url}/{INDEX_NAME}") == raw:
             return False
+    if url.startswith(("http://", "https://")):  # already there is fine (above); writing is not
+        raise ShardError(f"{url}: http(s) URLs are read-only and do not hold this version of the set;"
+                         " publish it to the bucket behind them (s3://, gs://) first")
     fs, root = _filesystem(url)
     is_local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
     if is_local:

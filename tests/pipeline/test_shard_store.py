@@ -360,6 +360,35 @@ def test_file_url_round_trip(store, tmp_path):
     _same_samples([reader.read(k) for k in reader.keys], local)
 
 
+def test_http_url_reads_a_served_mirror_and_refuses_to_publish_another_version(store, tmp_path):
+    """http(s):// (e.g. a web server in front of the bucket) is read through WebDataset's
+    gopen (curl); publishing to it passes only when it already serves this version."""
+    import functools
+    import http.server
+    import threading
+
+    mirror = tmp_path / "mirror"
+    shard_store.publish_set(store.set_dir, f"{mirror.as_uri()}/shards/seg", progress=False)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert shard_store.publish_set(store.set_dir, f"{base}/shards/seg", progress=False) is False  # served already
+        local = shards.load_samples(store.set_dir)
+        shard_store.activate(base, store.data)
+        _same_samples(shards.load_samples(store.set_dir), local)
+        reader = shards.ShardReader(store.set_dir)
+        _same_samples([reader.read(k) for k in reader.keys], local)
+        shard_store.activate(None, store.data)
+        (mirror / "shards" / "seg" / "index.json").write_text("{}")  # the server holds another version
+        with pytest.raises(ShardError, match="read-only"):
+            shard_store.publish_set(store.set_dir, f"{base}/shards/seg", progress=False)
+    finally:
+        server.shutdown()
+
+
 # ------------------------------------------------------------------------ the stages
 
 
