@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -448,5 +449,8 @@ def test_stages_publish_their_sets_and_read_them_from_the_url(store, tmp_path, m
 def test_publishing_to_a_missing_bucket_is_one_clear_error(store):
     with pytest.raises(ShardError, match=r"s3://no-such-bucket-here/shards/seg/seg-000000\.tar: cannot write .*bucket"):
         shard_store.publish_set(store.set_dir, "s3://no-such-bucket-here/shards/seg", progress=False)
+    with socket.socket() as sock:  # a loopback port nobody serves (no DNS lookup, no network)
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
     with pytest.raises(ShardError, match="read-only"):
-        shard_store.publish_set(store.set_dir, "https://example.invalid/shards/seg", progress=False)
+        shard_store.publish_set(store.set_dir, f"http://127.0.0.1:{closed}/shards/seg", progress=False)
