@@ -395,7 +395,7 @@ def run_stages(
                 if waiting:  # cannot happen for a DAG; never spin
                     raise RuntimeError("stages left with unfinished parents: " + ", ".join(waiting))
                 break
-            name = done_names.get()
+            name = _next_done(done_names, running)
             future = running.pop(name)
             future.wait()  # sets the final state locally (the API may lag behind)
             finished[name] = future.state.is_completed()
@@ -403,6 +403,20 @@ def run_stages(
         for future in futures.values():
             future.wait()
         return [_report(name, nodes[name], futures[name], blocked_by.get(name)) for name in selected]
+
+
+def _next_done(done_names: "queue.Queue[str]", running: dict[str, Any], poll_s: float = 30.0) -> str:
+    """The name of a running instance that finished: from the futures' done callbacks, and
+    every ``poll_s`` from the futures themselves (a Ray future whose cluster went away may
+    never call back; the flow must not wait forever)."""
+    while True:
+        try:
+            return done_names.get(timeout=poll_s)
+        except queue.Empty:
+            for name, future in running.items():
+                future.wait(timeout=0)
+                if future.state.is_final():
+                    return name
 
 
 @contextmanager

@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 
 BUCKET = "matting-shards"
 SEG, MAT = 12, 4  # tiny_params.yaml's grid
-PRETRAIN = {"iters": 300, "checkpoint_every": 25, "log_every": 25}  # ~5 s of steps: long enough to be killed mid-way
+PRETRAIN = {"iters": 160, "checkpoint_every": 20, "log_every": 20}  # ~5 s of steps: long enough to be killed mid-way
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_failed_tasks_are_retried_and_independent_cells_run_side_by_side(world):
     """The toy study (flows/toy.py) on the same cluster: a stage failing once is retried by
     Prefect, one failing always fails its cell only, two instances run at once on two nodes."""
     root = make_toy_project(
-        world["base"] / "toy", sleep=1.0, fail_once=("teacher@1-3",), fail_always=("teacher@2-4",),
+        world["base"] / "toy", sleep=0.5, fail_once=("teacher@1-3",), fail_always=("teacher@2-4",),
         orchestration={"runner": "ray", "ray_address": world["cluster"].address, "max_concurrency": 2,
                        "retries": 2, "retry_delay_seconds": 0.5},
     )
