@@ -144,9 +144,14 @@ def run(args: argparse.Namespace) -> int:
         say(f"OK: both deployments exist; the nightly study runs on cron {cron!r}")
 
         deployment_id = by_name[CELL_DEPLOYMENT]["id"]
-        response = client.post(
-            f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"seg": seg, "mat": mat}}
-        )
+        for attempt in range(5):  # 503 = the server is busy (its sqlite under load): asks to try again
+            response = client.post(
+                f"/deployments/{deployment_id}/create_flow_run", json={"parameters": {"seg": seg, "mat": mat}}
+            )
+            if response.status_code != 503:
+                break
+            say(f"create_flow_run: HTTP 503 (server busy), retrying in {2 ** attempt} s")
+            time.sleep(2 ** attempt)
         assert response.status_code < 300, f"create_flow_run: HTTP {response.status_code} {response.text}"
         run_ = response.json()
         say(f"triggered {flows[by_name[CELL_DEPLOYMENT]['flow_id']]}/{CELL_DEPLOYMENT} seg={seg} mat={mat}:"
