@@ -25,9 +25,11 @@ task. Two task runners (``runner``):
   path (README "Running on a cluster"). A node lost mid-task is a system failure Ray
   retries on another node (Ray's ``max_retries``); the stage, killed with its Ray worker
   (:mod:`matting_pipeline.lifecycle` watches the worker), resumes from its last saved
-  training state. The task result and log name the node each instance ran on. A failed instance is retried with exponential back-off (Prefect
-``retries``); the instances downstream of it end ``NotReady`` (Prefect's "upstream did not
-complete") without running, and every other branch of the grid runs to the end.
+  training state. The task result and log name the node each instance ran on.
+
+A failed instance is retried with exponential back-off (Prefect ``retries``); the
+instances downstream of it end ``NotReady`` (Prefect's "upstream did not complete")
+without running, and every other branch of the grid runs to the end.
 
 DVC concurrency: ``dvc repro`` releases the repository lock while the stage command runs
 and guards paths with its read/write lock, so independent stage instances run in
@@ -53,7 +55,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -78,11 +80,12 @@ from flows.graph import (  # noqa: F401  (re-exported: flows.study and the tests
     stage_outcome,
     tracking_uri,
 )
+from matting_pipeline.config import RunnerName, StageResources
 from matting_pipeline.layout import cell_name
 
 
 _TAIL_LINES = 15
-RUNNERS = ("local", "ray")
+RUNNERS = get_args(RunnerName)
 # What the ray runner passes from the flow's environment to each task (task parameters are
 # stored by Prefect: nothing secret goes here; credentials come from each node's environment).
 FORWARDED_TO_NODES = ("MLFLOW_TRACKING_URI",)
@@ -234,15 +237,15 @@ class StageReport:
         return self.state == "Completed"
 
 
-def _stage_resources(resources: dict[str, Any] | None, group: str, gpus: bool) -> dict[str, float]:
-    """Ray ``remote_options`` of a stage: its entry in ``resources`` (else ``default``);
-    ``num_gpus`` only on a cluster with GPUs (a CPU cluster could never place it)."""
+def _stage_resources(resources: dict[str, StageResources] | None, group: str, gpus: bool) -> dict[str, float]:
+    """Ray ``remote_options`` of a stage: its entry in ``resources`` (else ``default``, else
+    the schema's default); ``num_gpus`` only on a cluster with GPUs (a CPU cluster could
+    never place it)."""
     table = resources or {}
-    entry = table.get(group) or table.get("default") or {"num_cpus": 1, "num_gpus": 0}
-    entry = entry if isinstance(entry, dict) else entry.model_dump()
-    options = {"num_cpus": float(entry.get("num_cpus", 1))}
-    if gpus and float(entry.get("num_gpus", 0)) > 0:
-        options["num_gpus"] = float(entry["num_gpus"])
+    entry = table.get(group) or table.get("default") or StageResources()
+    options = {"num_cpus": float(entry.num_cpus)}
+    if gpus and entry.num_gpus > 0:
+        options["num_gpus"] = float(entry.num_gpus)
     return options
 
 
@@ -291,12 +294,13 @@ def task_runner(kind: str, max_concurrency: int, ray_address: str | None = None)
     # Workers log to the Prefect API; their stdout would only repeat it on the driver.
     with RayTaskRunner(address=address, init_kwargs={"log_to_driver": False}) as runner:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
+        resources = ray.cluster_resources()
         get_run_logger().info(
             "Ray cluster %s: %d node(s), resources %s",
             address or "(local, started for this flow)", len(nodes),
-            {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+            {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")},
         )
-        yield runner, ray.cluster_resources().get("GPU", 0) > 0
+        yield runner, resources.get("GPU", 0) > 0
 
 
 def run_stages(
@@ -311,7 +315,7 @@ def run_stages(
     cell_tracking: dict[str, Any] | None = None,
     runner: str = "local",
     ray_address: str | None = None,
-    resources: dict[str, Any] | None = None,
+    resources: dict[str, StageResources] | None = None,
 ) -> list[StageReport]:
     """Run ``selected`` stage instances (topologically ordered) inside the current flow.
 
@@ -324,8 +328,6 @@ def run_stages(
     """
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-    if runner not in RUNNERS:
-        raise ValueError(f"unknown task runner {runner!r}; choose one of {', '.join(RUNNERS)}")
     root = str(Path(root).resolve())
     chosen = set(selected)
     stage_task = run_stage.with_options(

@@ -47,7 +47,7 @@ from flows.dag import (
     select_stages,
 )
 from matting_pipeline import atomic
-from matting_pipeline.config import ConfigError, Params, StudyConfig, load_params
+from matting_pipeline.config import ConfigError, Params, RunnerName, StudyConfig, load_params
 from matting_pipeline.layout import cell_name
 
 PROFILES = {"demo": "params.yaml", "cpu": "params-cpu.yaml", "gpu-check": "params-gpu-check.yaml",
@@ -55,7 +55,6 @@ PROFILES = {"demo": "params.yaml", "cpu": "params-cpu.yaml", "gpu-check": "param
 ACTIVE_PARAMS = "params.yaml"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 Profile = Literal["demo", "cpu", "gpu-check", "paper"]
-Runner = Literal["local", "ray"]
 
 
 class StudySetupError(ValueError):
@@ -196,7 +195,7 @@ def study(
     profile: Profile = "demo",
     max_concurrency: int | None = None,
     root: str | None = None,
-    runner: Runner | None = None,
+    runner: RunnerName | None = None,
     ray_address: str | None = None,
 ):
     """Run every cell of the grid (default: the profile's ``study.seg`` x ``study.mat``).
@@ -222,7 +221,7 @@ def cell(
     profile: Profile = "demo",
     max_concurrency: int | None = None,
     root: str | None = None,
-    runner: Runner | None = None,
+    runner: RunnerName | None = None,
     ray_address: str | None = None,
 ):
     """Run one cell (seg, mat) and the DVC stages it needs; 0 is a valid budget on one axis.

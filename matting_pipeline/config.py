@@ -415,6 +415,9 @@ class MethodsConfig(_Section):
         return v
 
 
+RunnerName = Literal["local", "ray"]  # the flows' task runners (flows/dag.py)
+
+
 class StageResources(_Section):
     """What one stage instance reserves on a Ray cluster (``orchestration.resources``)."""
 
@@ -448,7 +451,7 @@ class OrchestrationConfig(_Section):
     cuda_devices: list[str] = Field(
         default_factory=list, description="GPU ids handed out to running stages; empty = leave CUDA_VISIBLE_DEVICES alone"
     )
-    runner: Literal["local", "ray"] = Field(
+    runner: RunnerName = Field(
         "local", description="local: threads on this machine; ray: tasks on a Ray cluster (prefect-ray)"
     )
     ray_address: str | None = Field(
