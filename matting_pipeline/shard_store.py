@@ -37,6 +37,7 @@ Public API::
     source_of(set_dir) -> str | Path
     env_vars() -> dict[str, str]
     check_remote_index(set_dir, url, local_bytes) -> None
+    check_shard_name(name, index_path) -> None
     register_gopen() -> None
     open_url(url, mode="rb") -> binary file object
     read_verified(url, sha256) -> bytes
@@ -69,6 +70,7 @@ __all__ = [
     "activate",
     "cache_dir",
     "check_remote_index",
+    "check_shard_name",
     "env_vars",
     "fetch",
     "open_url",
@@ -211,15 +213,14 @@ def _read_url(url: str) -> bytes:
 def _mismatch(url: str, expected: str, got: str) -> ShardIntegrityError:
     return ShardIntegrityError(
         f"{url}: sha256 mismatch (index {expected[:12]}..., remote {got[:12]}...); the remote shard is "
-        "corrupt or was modified -- publish the set again (`python -m matting_pipeline.shard_store publish "
-        "<set_dir>`)"
+        f"corrupt or was modified -- publish the set again (`{_PUBLISH_HINT.format(set_dir='<set_dir>')}`)"
     )
 
 
 def _unreadable(url: str, err: BaseException) -> ShardError:
     kind = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__}: {err})"
     return ShardError(
-        f"{url}: {kind}; publish the set again (`python -m matting_pipeline.shard_store publish <set_dir>`) "
+        f"{url}: {kind}; publish the set again (`{_PUBLISH_HINT.format(set_dir='<set_dir>')}`) "
         "or check the endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)"
     )
 
@@ -328,9 +329,19 @@ def _index_shards(raw: bytes, path: Path) -> list[tuple[str, str]]:
     except (ValueError, KeyError, TypeError) as err:
         raise ShardError(f"{path}: unreadable index ({err})") from None
     for name, _ in listed:
-        if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".tar"):
-            raise ShardError(f"{path}: refused shard name {name!r}")
+        check_shard_name(name, path)
     return listed
+
+
+def check_shard_name(name: Any, index_path: Path) -> None:
+    """A shard name an index may list: a plain ``<something>.tar`` in the set's own folder (no
+    path separator, not hidden). :func:`matting_pipeline.shards.read_index` checks with it too.
+
+    Raises:
+        ShardError: any other name, naming the index.
+    """
+    if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".tar"):
+        raise ShardError(f"{index_path}: refused shard name {name!r}")
 
 
 def publish_set(local_set_dir: str | Path, url: str, progress: bool = True) -> bool:

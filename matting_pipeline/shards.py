@@ -519,8 +519,7 @@ def read_index(set_dir: str | Path, local: bool = False) -> dict:
     ):
         raise ShardError(f"{path}: inconsistent index (keys, order, shard_of, counts disagree)")
     for name in names:
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".tar"):
-            raise ShardError(f"{path}: refused shard name {name!r}")
+        shard_store.check_shard_name(name, path)
     return index
 
 
@@ -549,13 +548,17 @@ def _read_shard_bytes(set_dir: Path, shard: dict, verify: bool) -> bytes:
     except OSError as err:
         raise ShardIntegrityError(f"{path}: cannot read shard ({err.strerror or err})") from None
     if verify:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != shard["sha256"]:
-            raise ShardIntegrityError(
-                f"{path}: sha256 mismatch (index {shard['sha256'][:12]}..., file {digest[:12]}...); "
-                "the shard is corrupt or was modified -- rebuild the set"
-            )
+        _check_sha256(path, shard["sha256"], hashlib.sha256(data).hexdigest())
     return data
+
+
+def _check_sha256(path: Path, expected: str, digest: str) -> None:
+    """A local shard's bytes must hash to the index's sha256."""
+    if digest != expected:
+        raise ShardIntegrityError(
+            f"{path}: sha256 mismatch (index {expected[:12]}..., file {digest[:12]}...); "
+            "the shard is corrupt or was modified -- rebuild the set"
+        )
 
 
 def _iter_shard(data: bytes, shard_name: str, expected: set[str], wanted: set[str] | None) -> Iterator[dict]:
@@ -720,12 +723,7 @@ def _shard_paths(set_dir: Path, index: dict, names: Iterable[str], verify: bool)
         if not path.is_file():
             raise ShardIntegrityError(f"{path}: missing shard; rebuild the set")
         if verify:
-            digest = file_sha256(path)
-            if digest != shard["sha256"]:
-                raise ShardIntegrityError(
-                    f"{path}: sha256 mismatch (index {shard['sha256'][:12]}..., file {digest[:12]}...); "
-                    "the shard is corrupt or was modified -- rebuild the set"
-                )
+            _check_sha256(path, shard["sha256"], file_sha256(path))
         paths[name] = path
     unknown = wanted - set(paths)
     if unknown:
