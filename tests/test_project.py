@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,13 @@ def test_every_benchmark_takes_the_quick_flag_make_bench_passes(script):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--quick" in proc.stdout
+
+
+def test_ci_entry_point_parses_and_runs_make_test():
+    """.ci/run is what CI executes: a syntax error there fails every CI run before a test runs
+    (a comment edit once left an unmatched backquote in it)."""
+    script = REPO / ".ci" / "run"
+    checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    commands = [line.strip() for line in script.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert commands[-1] == "make test"
